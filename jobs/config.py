@@ -1,0 +1,248 @@
+"""The one ExFM config: defaults in code, a YAML file, then env and CLI overrides, validated on load.
+
+Precedence (last wins): field defaults < YAML file < ``EXFM__A__B=v`` env vars < ``--set a.b=v``.
+A bad value fails at load with a message that names the field path (``vms.1.dense.0``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "exfm.yaml"
+ENV_PREFIX = "EXFM__"
+
+# Columns every VM's traffic carries (DESIGN.md §2). Features and labels may not reuse them.
+CONTRACT_COLUMNS = ("request_id", "event_ts", "user_id", "ad_id")
+# ds/vm are partition columns; source_vms is added by the FM dataset.
+RESERVED_COLUMNS = (*CONTRACT_COLUMNS, "ds", "vm", "source_vms")
+
+# Table, column and VM names end up in paths and SQL identifiers: keep them boring.
+Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+
+
+class ConfigError(ValueError):
+    """The config file or an override is invalid; the message names the field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class VmSpec(_Frozen):
+    """One Vertical Model in the registry: its own view of the traffic."""
+
+    name: Identifier
+    categorical: tuple[Identifier, ...] = ()  # hashed/embedded ids, stored as strings
+    dense: tuple[Identifier, ...] = ()  # real-valued, stored as double
+    label: Identifier = "click"  # binary 0/1
+    task: Literal["ctr", "cvr", "engagement"] = "ctr"
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return (*self.categorical, *self.dense)
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> VmSpec:
+        names = [*self.features, self.label]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"VM {self.name!r} declares {dupes} more than once (features and label)")
+        reserved = sorted(set(names) & set(RESERVED_COLUMNS))
+        if reserved:
+            raise ValueError(f"VM {self.name!r} uses reserved column names {reserved}")
+        return self
+
+
+class SparkSettings(_Frozen):
+    master: str = "local[*]"
+    app_name: str = "exfm"
+    shuffle_partitions: int = Field(4, ge=1)
+    driver_memory: str = "2g"
+    # A directory with the Delta jars, for machines that cannot reach Maven Central.
+    jars_dir: str | None = None
+    # Cache for resolved Delta jars; shared by every run so jars are downloaded once.
+    jars_cache: str = "~/.cache/exfm/jars"
+    conf: dict[str, str] = Field(default_factory=dict)  # any other spark.* setting
+
+
+class Seeds(_Frozen):
+    synthetic: int = 7
+    train: int = 11
+
+
+class SyntheticSettings(_Frozen):
+    """The embedded synthetic traffic (DESIGN.md §6)."""
+
+    start_date: dt.date = dt.date(2026, 1, 1)  # day index 0 of the drift and churn clock
+    days: int = Field(4, ge=1)  # days the demo generates
+    rows_per_day: int = Field(20_000, ge=10)  # requests per day, before cross-VM sharing
+    rows_per_file: int = Field(200_000, ge=1)  # also the generator's chunk: bounds its memory
+    shared_rate: float = Field(0.2, ge=0, lt=1)  # share of requests also logged by another VM
+    duplicate_rate: float = Field(0.002, ge=0, lt=0.5)  # duplicate log rows, dropped by ingest
+    users: int = Field(5_000, ge=10)  # active users on a day
+    ads: int = Field(1_000, ge=10)  # active ads on a day
+    churn_rate: float = Field(0.1, ge=0, le=1)  # share of users/ads replaced each day
+    drift: float = Field(0.15, ge=0)  # daily step of the ground-truth weights' random walk
+    base_ctr: dict[str, float] = Field(default_factory=dict)  # per VM; default 0.03
+
+    @model_validator(mode="after")
+    def _check_ctr(self) -> SyntheticSettings:
+        bad = {k: v for k, v in self.base_ctr.items() if not 0 < v < 1}
+        if bad:
+            raise ValueError(f"base_ctr must be in (0, 1): {bad}")
+        return self
+
+
+class ExfmConfig(_Frozen):
+    lakehouse_root: str = "./lakehouse"  # Delta tables; any Hadoop path (s3a://...) works
+    landing_root: str = "./landing"  # raw logs: landing/ds=YYYY-MM-DD/vm=<name>/*.parquet|csv
+    truth_root: str = "./synthetic_truth"  # synthetic true click probabilities (oracle only)
+    spark: SparkSettings = SparkSettings()
+    seeds: Seeds = Seeds()
+    synthetic: SyntheticSettings = SyntheticSettings()
+    vms: tuple[VmSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_registry(self) -> ExfmConfig:
+        names = [v.name for v in self.vms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"VM names must be unique, got {names}")
+        # One feature name = one meaning = one column of the FM dataset, so one kind.
+        kinds: dict[str, str] = {}
+        for vm in self.vms:
+            for kind, cols in (("categorical", vm.categorical), ("dense", vm.dense), ("label", (vm.label,))):
+                for col in cols:
+                    if kinds.setdefault(col, kind) != kind:
+                        raise ValueError(
+                            f"column {col!r} is {kinds[col]} in one VM and {kind} in VM {vm.name!r}"
+                        )
+        unknown = sorted(set(self.synthetic.base_ctr) - set(names))
+        if unknown:
+            raise ValueError(f"synthetic.base_ctr names VMs not in the registry: {unknown}")
+        return self
+
+    # --- derived views of the registry -------------------------------------------------
+    def vm(self, name: str) -> VmSpec:
+        for v in self.vms:
+            if v.name == name:
+                return v
+        raise KeyError(f"unknown VM {name!r}; the registry has {[v.name for v in self.vms]}")
+
+    @property
+    def categorical_features(self) -> tuple[str, ...]:
+        """Union of the VMs' categorical features, in registry order."""
+        return _ordered_union(v.categorical for v in self.vms)
+
+    @property
+    def dense_features(self) -> tuple[str, ...]:
+        return _ordered_union(v.dense for v in self.vms)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return _ordered_union((v.label,) for v in self.vms)
+
+    def table(self, name: str) -> str:
+        """Location of a Delta table under the lakehouse root."""
+        return f"{_absolute(self.lakehouse_root)}/{name}"
+
+    @property
+    def landing(self) -> str:
+        return _absolute(self.landing_root)
+
+    @property
+    def truth(self) -> str:
+        return _absolute(self.truth_root)
+
+
+def _ordered_union(groups: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c for g in groups for c in g))
+
+
+def _absolute(path: str) -> str:
+    """Local paths become absolute so Spark and pyarrow agree; URIs pass through."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+        return path.rstrip("/")
+    return str(Path(path).expanduser().resolve())
+
+
+def parse_ds(ds: str | dt.date) -> dt.date:
+    """A day partition. Only ever built from a real date, so it is safe inside predicates."""
+    if isinstance(ds, dt.date):
+        return ds
+    try:
+        return dt.date.fromisoformat(ds)
+    except (TypeError, ValueError):
+        raise ValueError(f"ds must be a date YYYY-MM-DD, got {ds!r}") from None
+
+
+# --- loading ---------------------------------------------------------------------------
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> ExfmConfig:
+    """Load and validate the config. ``path`` defaults to $EXFM_CONFIG, then exfm.yaml."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("EXFM_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    env_overrides = [
+        f"{k[len(ENV_PREFIX):].lower().replace('__', '.')}={v}"
+        for k, v in sorted(env.items())
+        if k.startswith(ENV_PREFIX)
+    ]
+    for source, items in (("env", env_overrides), ("override", overrides)):
+        for item in items:
+            _apply_override(raw, item, source)
+    try:
+        return ExfmConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {_describe(err)}" for err in e.errors()]
+        raise ConfigError(f"invalid config {path}:\n" + "\n".join(lines)) from None
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "<root>"
+    shown = "" if isinstance(err["input"], dict | list) else f" (got {err['input']!r})"
+    return f"{field}: {err['msg']}{shown}"
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    """Set ``a.b.0.c=value`` in the raw dict; the value is parsed as a YAML scalar/list."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{source} {item!r} must look like key.path=value")
+    *parents, leaf = key.strip().split(".")
+    node: Any = raw
+    for part in parents:
+        if isinstance(node, list):
+            node = node[_index(node, part, key)]
+        else:
+            node = node.setdefault(part, {})
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        node[_index(node, leaf, key)] = parsed
+    elif isinstance(node, dict):
+        node[leaf] = parsed
+    else:
+        raise ConfigError(f"{source} {item!r}: {'.'.join(parents)} is not a mapping")
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)

@@ -1,0 +1,50 @@
+"""build-fm-dataset: all VMs' traffic of day ds -> Delta ``fm_dataset`` partitioned by ds.
+
+One row per request_id with the union of the VMs' feature sets, the labels and the list of
+source VMs (sql/fm_dataset.sql). Replaces the day in one commit, so a re-run is idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from jobs.config import ExfmConfig, parse_ds
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, quote, read_day, render_sql, replace_partition, table_version
+
+
+def query(cfg: ExfmConfig) -> str:
+    """sql/fm_dataset.sql with the registry's feature and label columns filled in."""
+    def merged(cols):
+        return ",\n  ".join(f"max({quote(c)}) AS {quote(c)}" for c in cols)
+
+    return render_sql(
+        "fm_dataset",
+        feature_columns=merged((*cfg.categorical_features, *cfg.dense_features)),
+        label_columns=merged(cfg.labels),
+    )
+
+
+def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
+    from pyspark.sql import functions as F
+
+    day = parse_ds(ds)
+    if table_version(spark, cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
+        raise ValueError(f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` first")
+    spark.read.format("delta").load(cfg.table(VM_TRAFFIC)).createOrReplaceTempView("vm_traffic")
+    dataset = spark.sql(query(cfg), args={"ds": day.isoformat()})
+    replace_partition(dataset, cfg, FM_DATASET, ["ds"], ds=day)
+
+    stats = (
+        read_day(spark, cfg, FM_DATASET, day)
+        .agg(
+            F.count("*").alias("rows"),
+            F.sum((F.size("source_vms") > 1).cast("long")).alias("shared"),
+        )
+        .first()
+    )
+    return {
+        "ds": day.isoformat(),
+        "rows": stats["rows"],
+        "shared_requests": stats["shared"],
+        "version": table_version(spark, cfg, FM_DATASET),
+    }

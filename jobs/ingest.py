@@ -1,0 +1,199 @@
+"""ingest: landing files of day ds -> Delta ``vm_traffic`` partitioned by (ds, vm).
+
+Contract (README "Input contract"): ``landing/ds=YYYY-MM-DD/vm=<name>/*.parquet`` (or *.csv
+with a header) holding request_id, event_ts, user_id, ad_id, the VM's declared features and
+its label. Every file is checked before anything is written; the day of every VM is then
+replaced in one Delta commit (replaceWhere ds), so a re-run replaces and a failure changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
+from jobs.lakehouse import VM_TRAFFIC, quote, read_day, replace_partition, table_version
+
+FORMATS = ("parquet", "csv")
+MAX_REPORTED = 10  # problems listed in one error message
+
+
+class ContractError(ValueError):
+    """Landing data breaks the input contract; the message names the file, column and rule."""
+
+
+def contract_types(cfg: ExfmConfig) -> dict[str, str]:
+    """Column -> Spark SQL type of vm_traffic (without the ds/vm partition columns)."""
+    types = {"request_id": "string", "event_ts": "timestamp", "user_id": "string", "ad_id": "string"}
+    types |= {c: "string" for c in cfg.categorical_features}
+    types |= {c: "double" for c in cfg.dense_features}
+    types |= {c: "int" for c in cfg.labels}
+    return types
+
+
+def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
+    day = parse_ds(ds)
+    files = _landing_files(spark, cfg, day)
+    raw = _read_and_cast(spark, cfg, day, files)
+    stats = _check_contract(raw, cfg)
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    # Duplicated log lines: keep one row per (vm, request_id), deterministically.
+    label = F.coalesce(*[F.col(c) for c in cfg.labels])
+    first = Window.partitionBy("vm", "request_id").orderBy("event_ts", label.desc(), "_file")
+    columns = list(contract_types(cfg))
+    deduped = (
+        raw.withColumn("_rank", F.row_number().over(first))
+        .where("_rank = 1")
+        .select(*columns, "ds", "vm")
+    )
+    replace_partition(deduped, cfg, VM_TRAFFIC, ["ds", "vm"], ds=day)
+
+    written = {
+        r["vm"]: (r["rows"], r["clicks"])
+        for r in read_day(spark, cfg, VM_TRAFFIC, day)
+        .groupBy("vm")
+        .agg(F.count("*").alias("rows"), F.sum(F.coalesce(*[F.col(c) for c in cfg.labels])).alias("clicks"))
+        .collect()
+    }
+    return {
+        "ds": day.isoformat(),
+        "rows": {vm: written.get(vm, (0, 0))[0] for vm in stats},
+        "duplicates_dropped": {vm: stats[vm] - written.get(vm, (0, 0))[0] for vm in stats},
+        "ctr": {vm: (c or 0) / n for vm, (n, c) in written.items() if n},
+        "version": table_version(spark, cfg, VM_TRAFFIC),
+    }
+
+
+def _landing_files(spark, cfg: ExfmConfig, day: dt.date) -> dict[str, list[tuple[str, str]]]:
+    """VM name -> [(path, format)] of the day's landing files, listed through Spark's FS layer."""
+    from pyspark.errors import AnalysisException
+
+    day_dir = f"{cfg.landing}/ds={day.isoformat()}"
+    try:
+        listing = (
+            spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .load(day_dir)
+            .select("path")
+            .collect()
+        )
+    except AnalysisException as e:
+        if "PATH_NOT_FOUND" in str(e) or "Path does not exist" in str(e):
+            raise ContractError(f"no landing data for ds={day}: {day_dir} does not exist") from None
+        raise
+    files: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for (path,) in listing:
+        rel = path.split(f"/ds={day.isoformat()}/", 1)[-1]
+        if "/" not in rel or not rel.startswith("vm="):
+            raise ContractError(f"landing file {path} is not under ds={day}/vm=<name>/")
+        vm = rel.split("/", 1)[0].removeprefix("vm=")
+        suffix = path.rsplit(".", 1)[-1].lower()
+        if suffix in FORMATS:
+            files[vm].append((path, suffix))
+        elif not rel.rsplit("/", 1)[-1].startswith(("_", ".")):  # _SUCCESS, .crc, ...
+            raise ContractError(f"landing file {path}: unsupported format (use .parquet or .csv)")
+    registry = [v.name for v in cfg.vms]
+    unknown = sorted(set(files) - set(registry))
+    missing = [vm for vm in registry if vm not in files]
+    if unknown:
+        raise ContractError(f"landing {day_dir} has VMs {unknown} that are not in the registry {registry}")
+    if missing:
+        raise ContractError(f"no landing files for VMs {missing} in {day_dir} (expected vm=<name>/*.parquet|csv)")
+    return dict(files)
+
+
+def _read_and_cast(spark, cfg: ExfmConfig, day: dt.date, files: dict[str, list[tuple[str, str]]]):
+    """One DataFrame of every VM's rows, cast to the contract with try_cast (bad values -> null).
+
+    Keeps the raw value of each column as ``_raw_<col>`` so the contract check can tell a null
+    from a value that failed to cast, and ``_file`` so errors can name the file.
+    """
+    from pyspark.sql import functions as F
+
+    types = contract_types(cfg)
+    frames = []
+    for vm in cfg.vms:
+        needed = [*CONTRACT_COLUMNS, *vm.features, vm.label]
+        by_schema: dict[tuple, list[str]] = defaultdict(list)
+        for path, fmt in files[vm.name]:
+            reader = _reader(spark, fmt)
+            schema = reader.load(path).schema
+            missing = [c for c in needed if c not in schema.fieldNames()]
+            if missing:
+                raise ContractError(
+                    f"landing file {path} (VM {vm.name}) is missing contract column(s) {missing}; "
+                    f"it has {schema.fieldNames()}"
+                )
+            by_schema[(fmt, schema.json())].append(path)
+        # Files with one schema are read together; different schemas are cast then unioned.
+        for (fmt, _), paths in by_schema.items():
+            df = _reader(spark, fmt).load(paths).withColumn("_file", F.col("_metadata.file_path"))
+            cols = [F.col("_file")]
+            for col in needed:
+                cols.append(F.expr(f"try_cast({quote(col)} AS {types[col]})").alias(col))
+                cols.append(F.col(col).cast("string").alias(f"_raw_{col}"))
+            frames.append(df.select(*cols).withColumn("vm", F.lit(vm.name)))
+    out = frames[0]
+    for frame in frames[1:]:
+        out = out.unionByName(frame, allowMissingColumns=True)
+    # Columns no VM declares for a row stay null, typed per the contract.
+    for col, typ in types.items():
+        if col not in out.columns:
+            out = out.withColumn(col, F.lit(None).cast(typ))
+    return out.withColumn("ds", F.lit(day.isoformat()))
+
+
+def _reader(spark, fmt: str):
+    reader = spark.read.format(fmt)
+    if fmt == "csv":  # read every CSV column as text; the contract cast decides its type
+        reader = reader.option("header", "true").option("inferSchema", "false")
+    return reader
+
+
+def _check_contract(raw, cfg: ExfmConfig) -> dict[str, int]:
+    """One aggregate pass over the day: rows per VM, or a ContractError naming file, column, rule."""
+    from pyspark.sql import functions as F
+
+    types = contract_types(cfg)
+    rules = []  # (column, rule text, condition that marks a bad row)
+    for col in types:
+        raw_col, cast = F.col(f"_raw_{col}"), F.col(col)
+        rules.append((col, f"value cannot be cast to {types[col]}", raw_col.isNotNull() & cast.isNull()))
+    for col in CONTRACT_COLUMNS:
+        rules.append((col, "must not be null", F.col(f"_raw_{col}").isNull()))
+    for vm in cfg.vms:
+        is_vm = F.col("vm") == vm.name
+        rules.append((vm.label, f"label of VM {vm.name} must not be null", is_vm & F.col(f"_raw_{vm.label}").isNull()))
+        rules.append((vm.label, f"label of VM {vm.name} must be 0 or 1", is_vm & ~F.col(vm.label).isin(0, 1)))
+    for col in cfg.dense_features:
+        rules.append((col, "must be finite", F.col(col).isin(float("nan"), float("inf"), float("-inf"))))
+
+    aggs = [F.count("*").alias("rows")]
+    for i, (col, _, bad) in enumerate(rules):
+        hit = F.coalesce(bad, F.lit(False))
+        aggs.append(F.sum(hit.cast("long")).alias(f"bad{i}"))
+        aggs.append(F.first(F.when(hit, F.col(f"_raw_{col}")), ignorenulls=True).alias(f"ex{i}"))
+    per_file = raw.groupBy("vm", "_file").agg(*aggs).collect()  # one small row per file
+
+    problems = []
+    for row in per_file:
+        for i, (col, rule, _) in enumerate(rules):
+            if row[f"bad{i}"]:
+                problems.append(
+                    f"landing file {row['_file']}: column {col}: {rule} "
+                    f"({row[f'bad{i}']} rows, e.g. {row[f'ex{i}']!r})"
+                )
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise ContractError(
+            f"{len(problems)} contract violation(s); vm_traffic was not changed:\n  "
+            + "\n  ".join(shown) + more
+        )
+    rows: dict[str, int] = defaultdict(int)
+    for row in per_file:
+        rows[row["vm"]] += row["rows"]
+    return dict(rows)

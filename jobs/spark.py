@@ -1,0 +1,185 @@
+"""SparkSession with Delta Lake, and the Delta jars it needs, resolved once and cached.
+
+Jar resolution order:
+1. ``spark.jars_dir`` (env ``EXFM__SPARK__JARS_DIR``): a directory of jars you provide;
+2. the cache (``spark.jars_cache``): jars resolved by an earlier run;
+3. Spark's own resolver (Ivy, Maven Central), then copied into the cache;
+4. Maven (``mvn dependency:copy-dependencies``) into the cache, if Ivy fails.
+Jars that pyspark already bundles (hadoop, parquet, jackson, ...) are left out so Spark's
+own versions are the only ones on the classpath.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from jobs.config import ExfmConfig
+
+SCALA = "2.13"
+
+
+class SparkSetupError(RuntimeError):
+    """Java or the Delta jars are missing; the message says what to install or set."""
+
+
+def delta_coordinate() -> str:
+    """Maven coordinate of the Delta jar matching the installed pyspark and delta-spark."""
+    import pyspark
+
+    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_minor}_{SCALA}:{importlib.metadata.version('delta-spark')}"
+
+
+def build_spark(cfg: ExfmConfig):
+    """Get or create the SparkSession described by ``cfg.spark``, with Delta enabled."""
+    from pyspark.sql import SparkSession
+
+    s = cfg.spark
+    _require_java()
+    builder = (
+        SparkSession.builder.master(s.master)
+        .appName(s.app_name)
+        .config("spark.jars", ",".join(str(p) for p in delta_jars(s.jars_dir, s.jars_cache)))
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.sql.shuffle.partitions", str(s.shuffle_partitions))
+        .config("spark.driver.memory", s.driver_memory)
+        # Days are UTC days: event_ts must not shift with the machine's time zone.
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.showConsoleProgress", "false")
+        # Delta's SQL parser drops the parameters of spark.sql(args=...) on Spark >= 4.1
+        # (delta-io/delta#7640); the legacy substitution binds them before parsing.
+        .config("spark.sql.legacy.parameterSubstitution.constantsOnly", "true")
+    )
+    for key, value in s.conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def _require_java() -> None:
+    java = shutil.which("java")
+    if java is None:
+        raise SparkSetupError(
+            "Java was not found on PATH. Spark needs Java 17 or newer: install it "
+            "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME and put "
+            "$JAVA_HOME/bin on PATH."
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', out)
+    if match and int(match.group(1)) < 17:
+        raise SparkSetupError(f"Spark 4 needs Java 17 or newer; {java} is: {out.splitlines()[0]}")
+
+
+def delta_jars(jars_dir: str | None, jars_cache: str) -> list[Path]:
+    """Paths of the Delta jars, resolving and caching them on first use."""
+    coordinate = delta_coordinate()
+    if jars_dir:
+        jars = sorted(Path(jars_dir).expanduser().glob("*.jar"))
+        if not any(p.name.startswith(("delta-spark", "io.delta_delta-spark")) for p in jars):
+            raise SparkSetupError(
+                f"spark.jars_dir={jars_dir} holds no delta-spark jar; put {coordinate} and its "
+                "dependencies (delta-storage, ...) there"
+            )
+        return jars
+    cache = Path(jars_cache).expanduser() / coordinate.replace(":", "_")
+    done = cache / ".complete"
+    if not done.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache.parent / ".lock", "w") as lock:  # one resolver at a time per machine
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                _resolve_into(cache, coordinate)
+                done.touch()
+    return sorted(cache.glob("*.jar"))
+
+
+def _resolve_into(cache: Path, coordinate: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="exfm-jars-") as tmp:
+        errors = []
+        for resolver in (_resolve_with_ivy, _resolve_with_maven):
+            try:
+                jars = resolver(coordinate, Path(tmp) / resolver.__name__)
+                break
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", None) or str(e)
+                errors.append(f"{resolver.__name__}: {_tail(detail)}")
+        else:
+            raise SparkSetupError(
+                f"Could not resolve the Delta jars {coordinate} from Maven Central.\n"
+                + "\n".join(errors)
+                + f"\nFix the network, or download {coordinate} and its dependencies into a "
+                "directory and point EXFM__SPARK__JARS_DIR (config spark.jars_dir) at it."
+            )
+        staging = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        bundled = {_artifact(p.name) for p in _pyspark_jars().glob("*.jar")}
+        for jar in jars:
+            if _artifact(jar.name) not in bundled:
+                shutil.copy2(jar, staging / jar.name)
+        shutil.rmtree(cache, ignore_errors=True)
+        staging.rename(cache)
+
+
+def _resolve_with_ivy(coordinate: str, work: Path) -> list[Path]:
+    """Let spark-submit resolve the package (what --packages does) into an Ivy dir."""
+    work.mkdir(parents=True)
+    noop = work / "noop.py"
+    noop.write_text("")
+    submit = Path(_pyspark_jars().parent, "bin", "spark-submit")
+    subprocess.run(
+        [str(submit), "--packages", coordinate, "--conf", f"spark.jars.ivy={work / 'ivy'}", str(noop)],
+        check=True, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+    )
+    return sorted((work / "ivy" / "jars").glob("*.jar"))
+
+
+def _resolve_with_maven(coordinate: str, work: Path) -> list[Path]:
+    group, artifact, version = coordinate.split(":")
+    work.mkdir(parents=True)
+    (work / "pom.xml").write_text(f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>exfm</groupId><artifactId>delta-jars</artifactId><version>1</version>
+  <dependencies><dependency>
+    <groupId>{group}</groupId><artifactId>{artifact}</artifactId><version>{version}</version>
+  </dependency></dependencies>
+</project>
+""")
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise OSError("mvn is not installed")
+    subprocess.run(
+        [mvn, "-q", "-B", "dependency:copy-dependencies", "-DincludeScope=runtime",
+         f"-DoutputDirectory={work / 'jars'}"],
+        cwd=work, check=True, capture_output=True, text=True, timeout=900,
+    )
+    return sorted((work / "jars").glob("*.jar"))
+
+
+def _pyspark_jars() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).parent / "jars"
+
+
+def _artifact(jar_name: str) -> str:
+    """'org.apache.hadoop_hadoop-client-api-3.4.2.jar' or 'hadoop-client-api-3.4.2.jar' -> 'hadoop-client-api'."""
+    group, sep, rest = jar_name.partition("_")
+    name = rest if sep and "." in group else jar_name
+    match = re.match(r"^(.*?)-\d[^/]*\.jar$", name)
+    return match.group(1) if match else name
+
+
+def _tail(text: str, lines: int = 8) -> str:
+    return "\n    ".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,58 @@
+"""Shared fixtures: one real local SparkSession with Delta for the whole run, tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ExfmConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds per day, big enough that every VM, duplicate and shared request occurs.
+TINY = [
+    "synthetic.rows_per_day=1500",
+    "synthetic.rows_per_file=1000",  # two chunks -> two files per VM per day
+    "synthetic.users=300",
+    "synthetic.ads=100",
+    "synthetic.duplicate_rate=0.01",
+    "spark.master=local[2]",
+    "spark.shuffle_partitions=2",
+]
+
+
+def tiny_config(root: Path, *overrides: str) -> ExfmConfig:
+    """The default registry with tiny synthetic data, everything under ``root``."""
+    return load_config(
+        REPO / "exfm.yaml",
+        overrides=[
+            *TINY,
+            f"lakehouse_root={root / 'lakehouse'}",
+            f"landing_root={root / 'landing'}",
+            f"truth_root={root / 'truth'}",
+            *overrides,
+        ],
+        env={},  # the developer's EXFM__* variables must not change test results
+    )
+
+
+@pytest.fixture
+def cfg(tmp_path) -> ExfmConfig:
+    return tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    import os
+
+    from jobs.spark import build_spark
+
+    # The jar cache is shared with ./exfm runs; the suite must not depend on the developer's env.
+    jars_cache = os.environ.get("EXFM__SPARK__JARS_CACHE", "~/.cache/exfm/jars")
+    session = build_spark(
+        tiny_config(tmp_path_factory.mktemp("spark"), f"spark.jars_cache={jars_cache}",
+                    "spark.app_name=exfm-tests")
+    )
+    yield session
+    session.stop()

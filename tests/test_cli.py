@@ -1,0 +1,26 @@
+"""The exfm CLI: the demo command end to end on tiny data, and config errors."""
+
+from delta.tables import DeltaTable
+
+from jobs.cli import main
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC
+from tests.conftest import TINY
+
+
+def test_demo_runs_every_day_and_prints_a_summary(spark, tmp_path, capsys):
+    args = ["demo", "--days", "2", "--config", "exfm.yaml"]
+    for item in [*TINY, f"lakehouse_root={tmp_path}/lh", f"landing_root={tmp_path}/landing",
+                 f"truth_root={tmp_path}/truth"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("2026-")]
+    assert [line[:10] for line in lines] == ["2026-01-01", "2026-01-02"]
+    assert all("fm_dataset: " in line and "feed=" in line for line in lines)
+    for table in (VM_TRAFFIC, FM_DATASET):
+        dt = DeltaTable.forPath(spark, f"{tmp_path}/lh/{table}")
+        assert dt.toDF().select("ds").distinct().count() == 2
+
+
+def test_bad_config_exits_2_with_the_field(capsys):
+    assert main(["ingest", "--ds", "2026-01-01", "--set", "spark.shuffle_partitions=-1"]) == 2
+    assert "spark.shuffle_partitions" in capsys.readouterr().err

@@ -1,0 +1,51 @@
+import pytest
+
+from jobs.config import ConfigError, load_config
+from tests.conftest import REPO
+
+
+def test_default_config_loads_the_vm_registry():
+    cfg = load_config(REPO / "exfm.yaml", env={})
+    assert [v.name for v in cfg.vms] == ["feed", "search", "video"]
+    assert cfg.spark.master == "local[*]"
+    assert cfg.lakehouse_root == "./lakehouse"
+    # The FM sees the union of the VMs' features, each once.
+    assert len(cfg.categorical_features) == len(set(cfg.categorical_features))
+    for vm in cfg.vms:
+        assert set(vm.categorical) <= set(cfg.categorical_features)
+        assert set(vm.dense) <= set(cfg.dense_features)
+
+
+def test_env_then_cli_overrides_win_in_that_order():
+    env = {"EXFM__SPARK__MASTER": "local[2]", "EXFM__SYNTHETIC__DAYS": "9"}
+    cfg = load_config(REPO / "exfm.yaml", overrides=["synthetic.days=3"], env=env)
+    assert cfg.spark.master == "local[2]"
+    assert cfg.synthetic.days == 3
+    cfg = load_config(REPO / "exfm.yaml", overrides=["vms.0.label=conversion"], env={})
+    assert cfg.vm("feed").label == "conversion"
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("spark.shuffle_partitions=0", "spark.shuffle_partitions"),
+        ("vms.1.dense.0=not-an-identifier", "vms.1.dense.0"),
+        ("vms.2.categorical.0=ad_quality", "ad_quality"),  # dense elsewhere: one meaning, one kind
+        ("vms.1.name=feed", "unique"),
+        ("vms.0.categorical.0=request_id", "reserved"),
+        ("synthetic.base_ctr.nope=0.1", "nope"),
+        ("synthetic.shared_rate=1.5", "synthetic.shared_rate"),
+        ("spark.masterr=local", "spark.masterr"),  # typos are errors, not silently ignored
+    ],
+)
+def test_bad_config_fails_at_load_naming_the_field(override, names):
+    with pytest.raises(ConfigError, match="invalid config") as e:
+        load_config(REPO / "exfm.yaml", overrides=[override], env={})
+    assert names in str(e.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(REPO / "exfm.yaml", overrides=["spark.master"], env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", env={})

@@ -1,0 +1,84 @@
+"""build-fm-dataset on real Spark + Delta: one row per request, the union of the VMs' views."""
+
+import pytest
+from delta.tables import DeltaTable
+
+from jobs import fm_dataset, generate, ingest
+from jobs.config import parse_ds
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, read_day
+from tests.conftest import tiny_config
+from tests.test_ingest import checksum
+
+DAY = "2026-01-01"
+
+
+@pytest.fixture(scope="module")
+def built(spark, tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("fm"))
+    generate.run(DAY, cfg)
+    ingest.run(DAY, cfg, spark)
+    out = fm_dataset.run(DAY, cfg, spark)
+    return cfg, out
+
+
+def test_schema_is_the_union_of_the_vms_features(spark, built):
+    cfg, _ = built
+    table = spark.read.format("delta").load(cfg.table(FM_DATASET))
+    assert table.columns == [
+        "request_id", "event_ts", "user_id", "ad_id",
+        *cfg.categorical_features, *cfg.dense_features, *cfg.labels, "source_vms", "ds",
+    ]
+    types = dict(table.dtypes)
+    assert types["source_vms"] == "array<string>" and types["event_ts"] == "timestamp"
+    assert all(types[c] == "string" for c in cfg.categorical_features)
+    assert all(types[c] == "double" for c in cfg.dense_features)
+    assert DeltaTable.forPath(spark, cfg.table(FM_DATASET)).detail().first()["partitionColumns"] == ["ds"]
+
+
+def test_one_row_per_request_with_merged_views(spark, built):
+    cfg, out = built
+    day = parse_ds(DAY)
+    fm = read_day(spark, cfg, FM_DATASET, day)
+    traffic = read_day(spark, cfg, VM_TRAFFIC, day)
+    assert out["rows"] == fm.count() == fm.select("request_id").distinct().count()
+    assert out["rows"] == traffic.select("request_id").distinct().count()
+    assert out["shared_requests"] > 0
+
+    # A request seen by feed and search carries feed-only and search-only features,
+    # but not video-only ones.
+    row = fm.where("array_contains(source_vms, 'feed') AND array_contains(source_vms, 'search') "
+                   "AND NOT array_contains(source_vms, 'video')").first()
+    assert row["source_vms"] == ["feed", "search"]
+    only = {
+        name: set(cfg.vm(name).features) - {f for v in cfg.vms if v.name != name for f in v.features}
+        for name in ("feed", "search", "video")
+    }
+    for col in cfg.vm("feed").features + cfg.vm("search").features:
+        assert row[col] is not None, col
+    for col in only["video"]:
+        assert row[col] is None, col
+    assert row["click"] in (0, 1)
+
+
+def test_rerun_is_idempotent(spark, built):
+    cfg, _ = built
+    day = parse_ds(DAY)
+    before = checksum(read_day(spark, cfg, FM_DATASET, day))
+    fm_dataset.run(DAY, cfg, spark)
+    assert checksum(read_day(spark, cfg, FM_DATASET, day)) == before
+    history = DeltaTable.forPath(spark, cfg.table(FM_DATASET)).history().collect()
+    assert len(history) == 2
+    assert all(h["operationParameters"]["predicate"] and h["operationParameters"]["mode"] == "Overwrite"
+               for h in history)
+
+
+def test_missing_traffic_is_a_clear_error(spark, built):
+    cfg, _ = built
+    with pytest.raises(ValueError, match="vm_traffic has no rows for ds=2026-01-09"):
+        fm_dataset.run("2026-01-09", cfg, spark)
+
+
+def test_every_sql_file_renders_and_explains(spark, built):
+    cfg, _ = built
+    spark.read.format("delta").load(cfg.table(VM_TRAFFIC)).createOrReplaceTempView("vm_traffic")
+    assert spark.sql("EXPLAIN " + fm_dataset.query(cfg), args={"ds": DAY}).first()[0]

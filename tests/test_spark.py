@@ -1,0 +1,48 @@
+"""The SparkSession builder's failure modes give errors that say what to do."""
+
+import pytest
+
+from jobs import spark as spark_setup
+from jobs.spark import SparkSetupError
+
+
+@pytest.mark.parametrize(
+    ("jar", "artifact"),
+    [
+        ("org.apache.hadoop_hadoop-client-api-3.4.2.jar", "hadoop-client-api"),
+        ("hadoop-client-api-3.5.0.jar", "hadoop-client-api"),
+        ("io.delta_delta-spark_4.2_2.13-4.4.0.jar", "delta-spark_4.2_2.13"),
+        ("com.github.luben_zstd-jni-1.5.7-3.jar", "zstd-jni"),
+        ("jackson-datatype-jdk8-2.13.5.jar", "jackson-datatype-jdk8"),
+    ],
+)
+def test_jar_names_map_to_artifacts(jar, artifact):
+    assert spark_setup._artifact(jar) == artifact
+
+
+def test_missing_java_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SparkSetupError, match="install it"):
+        spark_setup._require_java()
+
+
+def test_jars_dir_without_delta_is_rejected(tmp_path):
+    (tmp_path / "other.jar").write_bytes(b"")
+    with pytest.raises(SparkSetupError, match="holds no delta-spark jar"):
+        spark_setup.delta_jars(str(tmp_path), str(tmp_path / "cache"))
+
+
+def test_unresolvable_jars_name_the_env_var(monkeypatch, tmp_path):
+    """Both resolvers really run (Ivy, then Maven) and fail on a version that does not exist."""
+    monkeypatch.setattr(spark_setup, "delta_coordinate", lambda: "io.delta:delta-spark_4.2_2.13:0.0.404")
+    with pytest.raises(SparkSetupError) as e:
+        spark_setup.delta_jars(None, str(tmp_path / "cache"))
+    assert "EXFM__SPARK__JARS_DIR" in str(e.value) and "0.0.404" in str(e.value)
+    assert not list((tmp_path / "cache").rglob("*.jar"))
+
+
+def test_resolved_jars_are_cached_without_spark_bundled_ones(spark):
+    jars = spark_setup.delta_jars(None, spark.conf.get("spark.jars").split(",")[0].rsplit("/", 2)[0])
+    names = {spark_setup._artifact(p.name) for p in jars}
+    assert any(n.startswith("delta-spark") for n in names) and "delta-storage" in names
+    assert "hadoop-client-api" not in names  # pyspark bundles it
