@@ -74,8 +74,13 @@ def _print(result: dict) -> None:
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: $EXFM_CONFIG or exfm.yaml)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set spark.master=local[2] (repeatable)")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set spark.master=local[2] (repeatable)",
+    )
     p = argparse.ArgumentParser(prog="exfm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -84,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--start", help="first day (default synthetic.start_date)")
         sp.add_argument("--days", type=int, help="number of days (default synthetic.days)")
 
-    sp = sub.add_parser("generate", parents=[common], help="write synthetic landing files (and true click probabilities)")
+    sp = sub.add_parser(
+        "generate", parents=[common], help="write synthetic landing files and true click probabilities"
+    )
     day_range(sp)
     sp.set_defaults(func=cmd_generate)
     sp = sub.add_parser("ingest", parents=[common], help="landing files of a day -> Delta vm_traffic")
@@ -93,7 +100,9 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("build-fm-dataset", parents=[common], help="vm_traffic of a day -> Delta fm_dataset")
     sp.add_argument("--ds", required=True)
     sp.set_defaults(func=cmd_build_fm_dataset)
-    sp = sub.add_parser("demo", parents=[common], help="synthetic days through the whole pipeline, with a summary per day")
+    sp = sub.add_parser(
+        "demo", parents=[common], help="synthetic days through the whole pipeline, with a summary per day"
+    )
     day_range(sp)
     sp.set_defaults(func=cmd_demo)
     return p

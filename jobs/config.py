@@ -201,7 +201,7 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     env_overrides = [
-        f"{k[len(ENV_PREFIX):].lower().replace('__', '.')}={v}"
+        f"{k[len(ENV_PREFIX) :].lower().replace('__', '.')}={v}"
         for k, v in sorted(env.items())
         if k.startswith(ENV_PREFIX)
     ]

@@ -9,11 +9,20 @@ from __future__ import annotations
 import datetime as dt
 
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, quote, read_day, render_sql, replace_partition, table_version
+from jobs.lakehouse import (
+    FM_DATASET,
+    VM_TRAFFIC,
+    quote,
+    read_day,
+    render_sql,
+    replace_partition,
+    table_version,
+)
 
 
 def query(cfg: ExfmConfig) -> str:
     """sql/fm_dataset.sql with the registry's feature and label columns filled in."""
+
     def merged(cols):
         return ",\n  ".join(f"max({quote(c)}) AS {quote(c)}" for c in cols)
 

@@ -120,8 +120,9 @@ def _active_ids(pool: int, churn: float, t: int, u: np.ndarray) -> np.ndarray:
     return t * shift + np.minimum((u * pool).astype(np.int64), pool - 1)
 
 
-def _chunk(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth, chunk: int, n: int,
-           first_seq: int) -> dict[str, np.ndarray]:
+def _chunk(
+    cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth, chunk: int, n: int, first_seq: int
+) -> dict[str, np.ndarray]:
     """All attributes, the true probability and the label of n requests."""
     s, seed = cfg.synthetic, cfg.seeds.synthetic
     rng = np.random.default_rng([seed, 3, t, chunk])
@@ -144,22 +145,24 @@ def _chunk(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth, chunk: int
     position = rng.integers(1, 6, n).astype(np.float64)
     query = np.where(rng.random(n) < 0.6, category % N_QUERY, rng.integers(0, N_QUERY, n))
     watch_time = activity * np.exp(0.3 * rng.normal(0, 1, n))
-    affinity = sum(
-        _normal(seed, 30 + k, user) * _normal(seed, 40 + k, ad) for k in range(LATENT_DIM)
-    ) * 0.35
+    affinity = sum(_normal(seed, 30 + k, user) * _normal(seed, 40 + k, ad) for k in range(LATENT_DIM)) * 0.35
 
     home = rng.integers(0, n_vms, n)
     base = np.array([cfg.synthetic.base_ctr.get(v.name, DEFAULT_BASE_CTR) for v in cfg.vms])
     logit = (
         np.log(base / (1 - base))[home]
-        + 0.3 * _normal(seed, 12, user) + 0.3 * _normal(seed, 23, ad)  # id biases
+        + 0.3 * _normal(seed, 12, user)
+        + 0.3 * _normal(seed, 23, ad)  # id biases
         + affinity
-        + truth.segment[segment] + truth.category[category] + truth.advertiser[advertiser]
+        + truth.segment[segment]
+        + truth.category[category]
+        + truth.advertiser[advertiser]
         + truth.seg_cat[segment, category]
         + truth.seg_cat_dev[segment % 4, category % 6, device]
         + 0.8 * (quality - 0.3) * np.tanh(activity - 1.0)
         + 0.3 * np.sin(2 * np.pi * hour / 24 + truth.hour_phase[category])
     )
+
     # Signals that only VMs declaring the feature see (their own view of the request).
     def declares(feature: str) -> np.ndarray:
         return np.array([feature in v.features for v in cfg.vms])[home]
@@ -177,8 +180,9 @@ def _chunk(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth, chunk: int
 
     start = np.datetime64(day.isoformat(), "us")
     return {
-        "request_id": np.char.add(f"r{day:%Y%m%d}-", np.char.zfill(
-            (first_seq + np.arange(n)).astype(str), 9)),
+        "request_id": np.char.add(
+            f"r{day:%Y%m%d}-", np.char.zfill((first_seq + np.arange(n)).astype(str), 9)
+        ),
         "event_ts": start + (seconds * 1e6).astype("timedelta64[us]"),
         "user_id": np.char.add("u", user.astype(str)),
         "ad_id": np.char.add("a", ad.astype(str)),
@@ -199,8 +203,9 @@ def _chunk(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth, chunk: int
     }
 
 
-def _vm_table(rows: dict[str, np.ndarray], vm_index: int, cfg: ExfmConfig,
-              rng: np.random.Generator) -> pa.Table:
+def _vm_table(
+    rows: dict[str, np.ndarray], vm_index: int, cfg: ExfmConfig, rng: np.random.Generator
+) -> pa.Table:
     """One VM's view: its requests, its declared columns, a few duplicated log lines."""
     vm = cfg.vms[vm_index]
     idx = np.flatnonzero((rows["home"] == vm_index) | (rows["second"] == vm_index))
@@ -224,7 +229,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig) -> dict:
             f"{sorted(wrong_kind)} with another kind; it knows {FEATURE_KINDS}"
         )
     if "://" in cfg.landing_root or "://" in cfg.truth_root:
-        raise ValueError("exfm generate writes local files only; point landing_root/truth_root at a local dir")
+        raise ValueError("exfm generate writes local files only: landing_root/truth_root must be local")
     t = _day_index(cfg, day)
     s = cfg.synthetic
     truth = GroundTruth.for_day(cfg.seeds.synthetic, t, s.drift)
@@ -247,12 +252,17 @@ def run(ds: str | dt.date, cfg: ExfmConfig) -> dict:
                 counts[vm.name] += table.num_rows
                 clicks[vm.name] += int(pc.sum(table[vm.label]).as_py() or 0)
             truth_tmp.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({
-                "request_id": rows["request_id"],
-                "home_vm": np.array([v.name for v in cfg.vms])[rows["home"]],
-                "p_click": rows["p_click"],
-                "click": rows["click"],
-            }), truth_tmp / f"part-{chunk:05d}.parquet")
+            pq.write_table(
+                pa.table(
+                    {
+                        "request_id": rows["request_id"],
+                        "home_vm": np.array([v.name for v in cfg.vms])[rows["home"]],
+                        "p_click": rows["p_click"],
+                        "click": rows["click"],
+                    }
+                ),
+                truth_tmp / f"part-{chunk:05d}.parquet",
+            )
         for tmp, root in ((landing_tmp, cfg.landing), (truth_tmp, cfg.truth)):
             final = Path(root) / part
             if final.exists():

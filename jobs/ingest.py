@@ -45,9 +45,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     first = Window.partitionBy("vm", "request_id").orderBy("event_ts", label.desc(), "_file")
     columns = list(contract_types(cfg))
     deduped = (
-        raw.withColumn("_rank", F.row_number().over(first))
-        .where("_rank = 1")
-        .select(*columns, "ds", "vm")
+        raw.withColumn("_rank", F.row_number().over(first)).where("_rank = 1").select(*columns, "ds", "vm")
     )
     replace_partition(deduped, cfg, VM_TRAFFIC, ["ds", "vm"], ds=day)
 
@@ -101,7 +99,7 @@ def _landing_files(spark, cfg: ExfmConfig, day: dt.date) -> dict[str, list[tuple
     if unknown:
         raise ContractError(f"landing {day_dir} has VMs {unknown} that are not in the registry {registry}")
     if missing:
-        raise ContractError(f"no landing files for VMs {missing} in {day_dir} (expected vm=<name>/*.parquet|csv)")
+        raise ContractError(f"no landing files for VMs {missing} in {day_dir} (want vm=<name>/*.parquet|csv)")
     return dict(files)
 
 
@@ -166,7 +164,8 @@ def _check_contract(raw, cfg: ExfmConfig) -> dict[str, int]:
         rules.append((col, "must not be null", F.col(f"_raw_{col}").isNull()))
     for vm in cfg.vms:
         is_vm = F.col("vm") == vm.name
-        rules.append((vm.label, f"label of VM {vm.name} must not be null", is_vm & F.col(f"_raw_{vm.label}").isNull()))
+        missing = is_vm & F.col(f"_raw_{vm.label}").isNull()
+        rules.append((vm.label, f"label of VM {vm.name} must not be null", missing))
         rules.append((vm.label, f"label of VM {vm.name} must be 0 or 1", is_vm & ~F.col(vm.label).isin(0, 1)))
     for col in cfg.dense_features:
         rules.append((col, "must be finite", F.col(col).isin(float("nan"), float("inf"), float("-inf"))))
@@ -191,7 +190,8 @@ def _check_contract(raw, cfg: ExfmConfig) -> dict[str, int]:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise ContractError(
             f"{len(problems)} contract violation(s); vm_traffic was not changed:\n  "
-            + "\n  ".join(shown) + more
+            + "\n  ".join(shown)
+            + more
         )
     rows: dict[str, int] = defaultdict(int)
     for row in per_file:

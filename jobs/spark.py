@@ -139,7 +139,10 @@ def _resolve_with_ivy(coordinate: str, work: Path) -> list[Path]:
     submit = Path(_pyspark_jars().parent, "bin", "spark-submit")
     subprocess.run(
         [str(submit), "--packages", coordinate, "--conf", f"spark.jars.ivy={work / 'ivy'}", str(noop)],
-        check=True, capture_output=True, text=True, timeout=900,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "PYSPARK_PYTHON": sys.executable},
     )
     return sorted((work / "ivy" / "jars").glob("*.jar"))
@@ -160,9 +163,19 @@ def _resolve_with_maven(coordinate: str, work: Path) -> list[Path]:
     if mvn is None:
         raise OSError("mvn is not installed")
     subprocess.run(
-        [mvn, "-q", "-B", "dependency:copy-dependencies", "-DincludeScope=runtime",
-         f"-DoutputDirectory={work / 'jars'}"],
-        cwd=work, check=True, capture_output=True, text=True, timeout=900,
+        [
+            mvn,
+            "-q",
+            "-B",
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={work / 'jars'}",
+        ],
+        cwd=work,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     return sorted((work / "jars").glob("*.jar"))
 
@@ -174,7 +187,7 @@ def _pyspark_jars() -> Path:
 
 
 def _artifact(jar_name: str) -> str:
-    """'org.apache.hadoop_hadoop-client-api-3.4.2.jar' or 'hadoop-client-api-3.4.2.jar' -> 'hadoop-client-api'."""
+    """Ivy's 'org.apache.hadoop_hadoop-client-api-3.4.2.jar' or Maven's name -> 'hadoop-client-api'."""
     group, sep, rest = jar_name.partition("_")
     name = rest if sep and "." in group else jar_name
     match = re.match(r"^(.*?)-\d[^/]*\.jar$", name)

@@ -51,8 +51,9 @@ def spark(tmp_path_factory):
     # The jar cache is shared with ./exfm runs; the suite must not depend on the developer's env.
     jars_cache = os.environ.get("EXFM__SPARK__JARS_CACHE", "~/.cache/exfm/jars")
     session = build_spark(
-        tiny_config(tmp_path_factory.mktemp("spark"), f"spark.jars_cache={jars_cache}",
-                    "spark.app_name=exfm-tests")
+        tiny_config(
+            tmp_path_factory.mktemp("spark"), f"spark.jars_cache={jars_cache}", "spark.app_name=exfm-tests"
+        )
     )
     yield session
     session.stop()

@@ -9,8 +9,12 @@ from tests.conftest import TINY
 
 def test_demo_runs_every_day_and_prints_a_summary(spark, tmp_path, capsys):
     args = ["demo", "--days", "2", "--config", "exfm.yaml"]
-    for item in [*TINY, f"lakehouse_root={tmp_path}/lh", f"landing_root={tmp_path}/landing",
-                 f"truth_root={tmp_path}/truth"]:
+    for item in [
+        *TINY,
+        f"lakehouse_root={tmp_path}/lh",
+        f"landing_root={tmp_path}/landing",
+        f"truth_root={tmp_path}/truth",
+    ]:
         args += ["--set", item]
     assert main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("2026-")]

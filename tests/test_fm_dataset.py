@@ -25,8 +25,15 @@ def test_schema_is_the_union_of_the_vms_features(spark, built):
     cfg, _ = built
     table = spark.read.format("delta").load(cfg.table(FM_DATASET))
     assert table.columns == [
-        "request_id", "event_ts", "user_id", "ad_id",
-        *cfg.categorical_features, *cfg.dense_features, *cfg.labels, "source_vms", "ds",
+        "request_id",
+        "event_ts",
+        "user_id",
+        "ad_id",
+        *cfg.categorical_features,
+        *cfg.dense_features,
+        *cfg.labels,
+        "source_vms",
+        "ds",
     ]
     types = dict(table.dtypes)
     assert types["source_vms"] == "array<string>" and types["event_ts"] == "timestamp"
@@ -46,8 +53,10 @@ def test_one_row_per_request_with_merged_views(spark, built):
 
     # A request seen by feed and search carries feed-only and search-only features,
     # but not video-only ones.
-    row = fm.where("array_contains(source_vms, 'feed') AND array_contains(source_vms, 'search') "
-                   "AND NOT array_contains(source_vms, 'video')").first()
+    row = fm.where(
+        "array_contains(source_vms, 'feed') AND array_contains(source_vms, 'search') "
+        "AND NOT array_contains(source_vms, 'video')"
+    ).first()
     assert row["source_vms"] == ["feed", "search"]
     only = {
         name: set(cfg.vm(name).features) - {f for v in cfg.vms if v.name != name for f in v.features}
@@ -68,8 +77,10 @@ def test_rerun_is_idempotent(spark, built):
     assert checksum(read_day(spark, cfg, FM_DATASET, day)) == before
     history = DeltaTable.forPath(spark, cfg.table(FM_DATASET)).history().collect()
     assert len(history) == 2
-    assert all(h["operationParameters"]["predicate"] and h["operationParameters"]["mode"] == "Overwrite"
-               for h in history)
+    assert all(
+        h["operationParameters"]["predicate"] and h["operationParameters"]["mode"] == "Overwrite"
+        for h in history
+    )
 
 
 def test_missing_traffic_is_a_clear_error(spark, built):

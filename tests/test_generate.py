@@ -14,7 +14,8 @@ def _digest(root):
     """sha256 of every file under root, by relative path."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -92,7 +93,8 @@ def test_users_and_ads_churn_every_day(tmp_path):
 
 
 def _features(df: pd.DataFrame, vm) -> pd.DataFrame:
-    return pd.concat([df[list(vm.categorical) + ["user_id", "ad_id"]].astype(str), df[list(vm.dense)]], axis=1)
+    ids = df[[*vm.categorical, "user_id", "ad_id"]].astype(str)
+    return pd.concat([ids, df[list(vm.dense)]], axis=1)
 
 
 def test_drift_makes_a_frozen_model_worse_every_day(tmp_path):
@@ -103,8 +105,13 @@ def test_drift_makes_a_frozen_model_worse_every_day(tmp_path):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    cfg = tiny_config(tmp_path, "synthetic.rows_per_day=60000", "synthetic.rows_per_file=60000",
-                      "synthetic.users=3000", "synthetic.ads=600")
+    cfg = tiny_config(
+        tmp_path,
+        "synthetic.rows_per_day=60000",
+        "synthetic.rows_per_file=60000",
+        "synthetic.users=3000",
+        "synthetic.ads=600",
+    )
     days = ["2026-01-01", "2026-01-02", "2026-01-05"]
     for ds in days:
         generate.run(ds, cfg)

@@ -18,9 +18,11 @@ def checksum(df) -> tuple[int, int]:
     """(rows, order-independent hash of every column): equal iff the content is equal."""
     from pyspark.sql import functions as F
 
-    row = df.select(F.xxhash64(*sorted(df.columns)).alias("h")).agg(
-        F.count("*").alias("n"), F.sum(F.col("h").cast("decimal(38,0)")).alias("s")
-    ).first()
+    row = (
+        df.select(F.xxhash64(*sorted(df.columns)).alias("h"))
+        .agg(F.count("*").alias("n"), F.sum(F.col("h").cast("decimal(38,0)")).alias("s"))
+        .first()
+    )
     return row["n"], int(row["s"] or 0)
 
 
@@ -44,8 +46,12 @@ def test_contract_round_trip(spark, cfg):
         assert out["duplicates_dropped"][vm.name] == len(landed) - len(deduped) > 0
         cols = ["request_id", "event_ts", "user_id", "ad_id", *vm.features, vm.label]
         got = (
-            read_day(spark, cfg, VM_TRAFFIC, ingest.parse_ds(DAY)).where(f"vm = '{vm.name}'")
-            .select(*cols).toPandas().sort_values("request_id").reset_index(drop=True)
+            read_day(spark, cfg, VM_TRAFFIC, ingest.parse_ds(DAY))
+            .where(f"vm = '{vm.name}'")
+            .select(*cols)
+            .toPandas()
+            .sort_values("request_id")
+            .reset_index(drop=True)
         )
         expected = deduped[cols].copy()
         expected["event_ts"] = expected["event_ts"].dt.tz_localize(None)
@@ -73,7 +79,7 @@ def test_rerun_replaces_the_day_and_keeps_other_days(spark, cfg):
 
     history = _history(spark, cfg)
     assert len(history) == 3  # one commit per run, each a replaceWhere overwrite of its day
-    for entry, ds in zip(history, (DAY, DAY2, DAY2)):
+    for entry, ds in zip(history, (DAY, DAY2, DAY2), strict=True):
         assert entry["operation"] == "WRITE"
         assert entry["operationParameters"]["mode"] == "Overwrite"
         assert ds in entry["operationParameters"]["predicate"]
