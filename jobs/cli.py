@@ -43,6 +43,20 @@ def cmd_build_fm_dataset(cfg: ExfmConfig, args) -> None:
     _print(fm_dataset.run(args.ds, cfg, build_spark(cfg)))
 
 
+def cmd_train_fm(cfg: ExfmConfig, args) -> None:
+    from jobs import train_fm
+    from jobs.spark import build_spark
+
+    _print(train_fm.run(args.ds, cfg, build_spark(cfg), fresh=args.fresh))
+
+
+def cmd_train_vm(cfg: ExfmConfig, args) -> None:
+    from jobs import train_vm
+    from jobs.spark import build_spark
+
+    _print(train_vm.run(args.ds, args.vm, cfg, build_spark(cfg), method=args.method, fresh=args.fresh))
+
+
 def cmd_demo(cfg: ExfmConfig, args) -> None:
     """Generate synthetic days and run the pipeline on each, with a summary line per day."""
     from jobs import fm_dataset, generate, ingest
@@ -100,6 +114,16 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("build-fm-dataset", parents=[common], help="vm_traffic of a day -> Delta fm_dataset")
     sp.add_argument("--ds", required=True)
     sp.set_defaults(func=cmd_build_fm_dataset)
+    sp = sub.add_parser("train-fm", parents=[common], help="one pass of the FM over fm_dataset[ds]")
+    sp.add_argument("--ds", required=True)
+    sp.add_argument("--fresh", action="store_true", help="start from scratch instead of the FM of ds-1")
+    sp.set_defaults(func=cmd_train_fm)
+    sp = sub.add_parser("train-vm", parents=[common], help="one pass of a VM over vm_training[ds, vm]")
+    sp.add_argument("--ds", required=True)
+    sp.add_argument("--vm", required=True)
+    sp.add_argument("--method", choices=("none", "kd", "ah", "ah_sa"), help="default: vm_training.method")
+    sp.add_argument("--fresh", action="store_true", help="start from scratch instead of the VM of ds-1")
+    sp.set_defaults(func=cmd_train_vm)
     sp = sub.add_parser(
         "demo", parents=[common], help="synthetic days through the whole pipeline, with a summary per day"
     )

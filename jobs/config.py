@@ -44,6 +44,7 @@ class VmSpec(_Frozen):
     dense: tuple[Identifier, ...] = ()  # real-valued, stored as double
     label: Identifier = "click"  # binary 0/1
     task: Literal["ctr", "cvr", "engagement"] = "ctr"
+    model: Literal["fm", "fmfm", "deepfm"] = "deepfm"  # the student's backbone
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -101,13 +102,45 @@ class SyntheticSettings(_Frozen):
         return self
 
 
+class FmSettings(_Frozen):
+    """The teacher (paper §3.3, §4.1.3): larger than any VM, trained one pass per day."""
+
+    arch: Literal["dcnv2", "dcn"] = "dcnv2"
+    buckets: int = Field(2**14, ge=2)  # hash buckets per categorical feature
+    embed_dim: int = Field(16, ge=1)
+    cross_layers: int = Field(3, ge=1)
+    mlp_dims: tuple[int, ...] = (256, 128)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class VmTrainSettings(_Frozen):
+    """How the students train (paper §3.3-3.4): the method and its GS/LS/LW knobs."""
+
+    method: Literal["none", "kd", "ah", "ah_sa"] = "ah_sa"
+    buckets: int = Field(2**14, ge=2)
+    embed_dim: int = Field(8, ge=1)
+    mlp_dims: tuple[int, ...] = (64,)
+    head_dims: tuple[int, ...] = (16,)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    w: float = Field(1.0, ge=0)  # LW: weight of the distillation loss (Eq 5)
+    alpha: float = Field(1.0, gt=0)  # LS: teacher label scale, alpha * y_F clipped at 1
+    beta: float = Field(1.0, ge=0)  # GS: scale of the distillation gradient into the backbone
+    adapter_hidden: tuple[int, ...] = (16, 16)  # Student Adapter MLP (Eq 6)
+    adapter_lr: float = Field(1e-2, gt=0)
+
+
 class ExfmConfig(_Frozen):
     lakehouse_root: str = "./lakehouse"  # Delta tables; any Hadoop path (s3a://...) works
     landing_root: str = "./landing"  # raw logs: landing/ds=YYYY-MM-DD/vm=<name>/*.parquet|csv
     truth_root: str = "./synthetic_truth"  # synthetic true click probabilities (oracle only)
+    snapshots_root: str | None = None  # model snapshots; default <lakehouse_root>/snapshots
     spark: SparkSettings = SparkSettings()
     seeds: Seeds = Seeds()
     synthetic: SyntheticSettings = SyntheticSettings()
+    fm: FmSettings = FmSettings()
+    vm_training: VmTrainSettings = VmTrainSettings()
     vms: tuple[VmSpec, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -152,6 +185,10 @@ class ExfmConfig(_Frozen):
     def table(self, name: str) -> str:
         """Location of a Delta table under the lakehouse root."""
         return f"{_absolute(self.lakehouse_root)}/{name}"
+
+    @property
+    def snapshots(self) -> str:
+        return _absolute(self.snapshots_root) if self.snapshots_root else self.table("snapshots")
 
     @property
     def landing(self) -> str:

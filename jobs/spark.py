@@ -58,6 +58,8 @@ def build_spark(cfg: ExfmConfig):
         # Delta's SQL parser drops the parameters of spark.sql(args=...) on Spark >= 4.1
         # (delta-io/delta#7640); the legacy substitution binds them before parsing.
         .config("spark.sql.legacy.parameterSubstitution.constantsOnly", "true")
+        # INT96 (the default) has no min/max statistics; readers order files by event_ts stats.
+        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     )
     for key, value in s.conf.items():
         builder = builder.config(key, value)

@@ -1,0 +1,134 @@
+"""What train_fm and train_vm share: the day-to-day chain, progress, streaming evaluation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+from jobs import snapshots
+from jobs.config import ExfmConfig
+from jobs.lakehouse import day_files, iter_record_batches, read_day
+from models.data import Batch, FeatureEncoder, stream_batches
+
+log = logging.getLogger(__name__)
+ARROW_BATCH = 8192  # rows per Arrow record batch read from a file
+
+
+def previous_snapshot(parent_uri: str, day: dt.date, fresh: bool) -> str | None:
+    """The snapshot day ``day`` continues from: the one trained through day - 1.
+
+    None on the first day (no earlier snapshot) or when ``fresh``; an error when earlier
+    snapshots exist but day - 1 is missing, because skipping a day silently breaks the chain.
+    """
+    if fresh:
+        return None
+    days = snapshots.trained_days(parent_uri)
+    prev = day - dt.timedelta(days=1)
+    if prev in days:
+        return f"{parent_uri}/ds={prev.isoformat()}"
+    earlier = [d for d in days if d < day]
+    if earlier:
+        raise ValueError(
+            f"no snapshot trained through {prev} under {parent_uri} (latest earlier: {max(earlier)}); "
+            f"train {prev} first, or start a new chain with --fresh"
+        )
+    return None
+
+
+def day_batches(
+    spark,
+    cfg: ExfmConfig,
+    table: str,
+    day: dt.date,
+    encoder: FeatureEncoder,
+    *,
+    label: str,
+    batch_size: int,
+    vm: str | None = None,
+    teacher: str | None = None,
+    update_stats: bool = False,
+) -> Iterator[Batch]:
+    """One day of a Delta table as encoded batches, in arrival order, one batch in memory."""
+    uris = day_files(spark, cfg, table, day, vm=vm)
+    if not uris:
+        raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm}" if vm else ""))
+    columns = [*encoder.columns, label, *([teacher] if teacher else [])]
+    return stream_batches(
+        iter_record_batches(uris, columns, ARROW_BATCH),
+        encoder,
+        label=label,
+        batch_size=batch_size,
+        teacher=teacher,
+        update_stats=update_stats,
+    )
+
+
+def day_ctr(spark, cfg: ExfmConfig, table: str, day: dt.date, label: str, vm: str | None = None) -> float:
+    """Click rate of a day (one small Spark aggregate): the prior a fresh model starts from."""
+    from pyspark.sql import functions as F
+
+    df = read_day(spark, cfg, table, day)
+    if vm is not None:
+        df = df.where(F.col("vm") == vm)
+    rate = df.agg(F.avg(label)).first()[0]
+    if rate is None:
+        raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm}" if vm else ""))
+    return min(max(float(rate), 1e-4), 1 - 1e-4)
+
+
+class Progress:
+    """A progress bar on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, desc: str, every_s: float = 10.0):
+        self.desc, self.every_s = desc, every_s
+        self.rows, self.loss_sum, self.batches = 0, 0.0, 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=desc, unit=" rows", unit_scale=True, file=sys.stderr)
+
+    def update(self, rows: int, loss: float) -> None:
+        self.rows += rows
+        self.loss_sum += loss * rows
+        self.batches += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(rows)
+            self.bar.set_postfix(loss=f"{self.mean_loss:.4f}", refresh=False)
+        elif now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s: %d rows, %.0f rows/s, loss %.4f", self.desc, self.rows, self.rate, self.mean_loss)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.rows if self.rows else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.rows / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        log.info("%s: done, %d rows, %.0f rows/s, loss %.4f", self.desc, self.rows, self.rate, self.mean_loss)
+
+
+def evaluate(model, batches: Iterator[Batch], *, train_base_rate: float) -> dict:
+    """Streaming NE / AUC / LogLoss / calibration of a model's serving logit over batches."""
+    import torch
+
+    from models.metrics import StreamingBinaryMetrics
+
+    metrics = StreamingBinaryMetrics()
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            p = torch.sigmoid(model(batch.categorical, batch.dense)["logit"])
+            metrics.update(p=p, y=batch.label)
+    model.train()
+    return metrics.compute(train_base_rate=train_base_rate)
