@@ -59,7 +59,7 @@ def cmd_train_vm(cfg: ExfmConfig, args) -> None:
 
 def cmd_demo(cfg: ExfmConfig, args) -> None:
     """Generate synthetic days and run the pipeline on each, with a summary line per day."""
-    from jobs import fm_dataset, generate, ingest
+    from jobs import fm_dataset, generate, ingest, train_fm
     from jobs.spark import build_spark
 
     spark = build_spark(cfg)
@@ -69,6 +69,7 @@ def cmd_demo(cfg: ExfmConfig, args) -> None:
         generate.run(day, cfg)
         traffic = ingest.run(day, cfg, spark)
         fm = fm_dataset.run(day, cfg, spark)
+        teacher = train_fm.run(day, cfg, spark)
         vms = "  ".join(
             f"{vm}={n} rows ctr={traffic['ctr'].get(vm, float('nan')):.3f}"
             for vm, n in traffic["rows"].items()
@@ -76,6 +77,7 @@ def cmd_demo(cfg: ExfmConfig, args) -> None:
         print(
             f"{day}  vm_traffic: {vms}  dup_dropped={sum(traffic['duplicates_dropped'].values())}"
             f"  |  fm_dataset: {fm['rows']} requests ({fm['shared_requests']} seen by >1 VM)"
+            f"  |  FM trained: loss {teacher['train_loss']:.4f}"
             f"  |  {time.perf_counter() - t0:.1f}s",
             flush=True,
         )

@@ -19,7 +19,11 @@ def test_demo_runs_every_day_and_prints_a_summary(spark, tmp_path, capsys):
     assert main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("2026-")]
     assert [line[:10] for line in lines] == ["2026-01-01", "2026-01-02"]
-    assert all("fm_dataset: " in line and "feed=" in line for line in lines)
+    assert all("fm_dataset: " in line and "feed=" in line and "FM trained" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "lh" / "snapshots" / "fm").iterdir()) == [
+        "ds=2026-01-01",
+        "ds=2026-01-02",
+    ]
     for table in (VM_TRAFFIC, FM_DATASET):
         dt = DeltaTable.forPath(spark, f"{tmp_path}/lh/{table}")
         assert dt.toDF().select("ds").distinct().count() == 2
