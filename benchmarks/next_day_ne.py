@@ -1,6 +1,6 @@
 """Next-day NE of the FM and of every VM method on the default synthetic data.
 
-    PYTHONPATH=. <venv>/bin/python benchmarks/next_day_ne.py [--days 4] [--seeds 11,12,13]
+    ./exfm python benchmarks/next_day_ne.py [--days 4] [--seeds 11,12,13]
 
 Days 1..N-1 train the FM; VMs train on days 2..N-1 with teacher scores of FM(day-1), with each
 seed; all models are judged on day N with NE normalised by the VM's training CTR, so the rows

@@ -1,7 +1,6 @@
 """Peak memory and speed of one FM training day, for a given day size.
 
-    ./exfm-python benchmarks/train_memory.py --rows 1000000
-    (or: PYTHONPATH=. <venv>/bin/python benchmarks/train_memory.py --rows 100000)
+    ./exfm python benchmarks/train_memory.py --rows 1000000
 
 Generates one synthetic day into a temp dir, ingests it, builds the FM dataset, then trains
 the FM one pass. Prints the Python process's peak RSS before and after training: training
