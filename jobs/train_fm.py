@@ -12,7 +12,7 @@ import datetime as dt
 from jobs import snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import FM_DATASET
-from jobs.training import Progress, day_batches, day_ctr, previous_snapshot
+from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, save_day
 
 ID_FEATURES = ("user_id", "ad_id")  # contract columns every VM carries, embedded like features
 
@@ -31,9 +31,7 @@ def new_encoder(cfg: ExfmConfig):
 def build_model(model_config: dict):
     from models.fm import FMConfig, FoundationModel
 
-    return FoundationModel(
-        FMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()})
-    )
+    return FoundationModel(FMConfig(**config_args(model_config)))
 
 
 def start(cfg: ExfmConfig, prev_uri: str | None, prior_ctr: float | None = None):
@@ -84,8 +82,6 @@ def fit_day(model, optimizer, batches, progress: Progress) -> float:
 
 
 def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False) -> dict:
-    from models.layers import num_parameters
-
     day = parse_ds(ds)
     if len(cfg.labels) != 1:
         raise ValueError(f"the FM trains on one label; the registry has {cfg.labels}")
@@ -100,28 +96,16 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False) -> di
     progress = Progress(f"train-fm ds={day}")
     clicks = fit_day(model, optimizer, batches, progress)
 
-    meta = snapshots.save(
+    return save_day(
         snapshots.fm_uri(cfg, day),
         {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-        {
-            "kind": "fm",
-            "trained_through_ds": day.isoformat(),
-            "continued_from": prev_uri,
-            "model_config": model_config,
-            "encoder": encoder.state_dict(),
-            "label": label,
-            "n_examples": progress.rows,
-            "train_loss": progress.mean_loss,
-            "train_ctr": clicks / max(progress.rows, 1),
-            "parameters": num_parameters(model),
-        },
+        day=day,
+        prev_uri=prev_uri,
+        model=model,
+        model_config=model_config,
+        encoder=encoder,
+        label=label,
+        progress=progress,
+        clicks=clicks,
+        kind="fm",
     )
-    return {
-        "ds": day.isoformat(),
-        "snapshot": snapshots.fm_uri(cfg, day),
-        "sha256": meta["sha256"],
-        "n_examples": progress.rows,
-        "train_loss": progress.mean_loss,
-        "parameters": meta["parameters"],
-        "continued_from": prev_uri,
-    }

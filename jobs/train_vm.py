@@ -14,7 +14,7 @@ from jobs import snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING
 from jobs.train_fm import ID_FEATURES
-from jobs.training import Progress, day_batches, day_ctr, evaluate, previous_snapshot
+from jobs.training import Progress, config_args, day_batches, day_ctr, evaluate, previous_snapshot, save_day
 
 TEACHER = "teacher_score"  # FM probability appended by the DAS (DESIGN.md §2)
 
@@ -22,9 +22,7 @@ TEACHER = "teacher_score"  # FM probability appended by the DAS (DESIGN.md §2)
 def build_model(model_config: dict):
     from models.vm import VerticalModel, VMConfig
 
-    return VerticalModel(
-        VMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()})
-    )
+    return VerticalModel(VMConfig(**config_args(model_config)))
 
 
 def run(
@@ -34,7 +32,6 @@ def run(
 
     from models.data import FeatureEncoder
     from models.heads import AdapterConfig, StudentAdapter
-    from models.layers import num_parameters
     from models.losses import METHODS, DistillConfig, adapter_loss, vm_loss
 
     day = parse_ds(ds)
@@ -120,35 +117,22 @@ def run(
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     if adapter is not None:
         state |= {"adapter": adapter.state_dict(), "adapter_optimizer": adapter_optimizer.state_dict()}
-    meta = snapshots.save(
+    return save_day(
         uri,
         state,
-        {
-            "kind": "vm",
-            "vm": vm.name,
-            "method": method,
-            "trained_through_ds": day.isoformat(),
-            "continued_from": prev_uri,
-            "model_config": model_config,
-            "encoder": encoder.state_dict(),
-            "label": vm.label,
-            "distill": {"w": t.w, "alpha": t.alpha, "beta": t.beta},
-            "n_examples": progress.rows,
-            "train_loss": progress.mean_loss,
-            "train_ctr": clicks / max(progress.rows, 1),
-            "parameters": num_parameters(model),
-        },
+        day=day,
+        prev_uri=prev_uri,
+        model=model,
+        model_config=model_config,
+        encoder=encoder,
+        label=vm.label,
+        progress=progress,
+        clicks=clicks,
+        kind="vm",
+        vm=vm.name,
+        method=method,
+        distill={"w": t.w, "alpha": t.alpha, "beta": t.beta},
     )
-    return {
-        "ds": day.isoformat(),
-        "vm": vm.name,
-        "method": method,
-        "snapshot": uri,
-        "sha256": meta["sha256"],
-        "n_examples": progress.rows,
-        "train_loss": progress.mean_loss,
-        "parameters": meta["parameters"],
-    }
 
 
 def evaluate_on_day(

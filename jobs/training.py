@@ -66,6 +66,48 @@ def day_batches(
     )
 
 
+def config_args(model_config: dict) -> dict:
+    """A model config read back from meta.json: JSON lists become the dataclasses' tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
+
+
+def save_day(
+    uri: str,
+    state: dict,
+    *,
+    day: dt.date,
+    prev_uri: str | None,
+    model,
+    model_config: dict,
+    encoder: FeatureEncoder,
+    label: str,
+    progress: Progress,
+    clicks: float,
+    **extra,
+) -> dict:
+    """Write the snapshot of a trained day; returns the summary the CLI prints."""
+    from models.layers import num_parameters
+
+    meta = snapshots.save(
+        uri,
+        state,
+        {
+            **extra,
+            "trained_through_ds": day.isoformat(),
+            "continued_from": prev_uri,
+            "model_config": model_config,
+            "encoder": encoder.state_dict(),
+            "label": label,
+            "n_examples": progress.rows,
+            "train_loss": progress.mean_loss,
+            "train_ctr": clicks / max(progress.rows, 1),
+            "parameters": num_parameters(model),
+        },
+    )
+    keep = ("vm", "method", "snapshot", "sha256", "n_examples", "train_loss", "parameters", "continued_from")
+    return {"ds": day.isoformat(), "snapshot": uri} | {k: meta[k] for k in keep if k in meta}
+
+
 def day_ctr(spark, cfg: ExfmConfig, table: str, day: dt.date, label: str, vm: str | None = None) -> float:
     """Click rate of a day (one small Spark aggregate): the prior a fresh model starts from."""
     from pyspark.sql import functions as F
