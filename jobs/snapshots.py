@@ -43,6 +43,7 @@ class Snapshot:
 def save(uri: str, state: dict, meta: dict) -> dict:
     """Write the tensors, then meta.json naming them; returns the meta as written."""
     import torch
+    from pyarrow import fs as pafs
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -59,7 +60,7 @@ def save(uri: str, state: dict, meta: dict) -> dict:
     with fs.open_output_stream(tmp) as out:
         out.write(json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
     fs.move(tmp, f"{path}/{META}")  # the commit point
-    for info in fs.get_file_info(_selector(path)):  # files of an earlier run of the same day
+    for info in fs.get_file_info(pafs.FileSelector(path)):  # files of an earlier run of the same day
         if info.base_name.startswith("model-") and info.base_name != model_file:
             fs.delete_file(info.path)
     return meta
@@ -110,9 +111,3 @@ def _fs(uri: str):
     if "://" not in uri:
         return fs.LocalFileSystem(), uri
     return fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
-
-
-def _selector(path: str):
-    from pyarrow import fs
-
-    return fs.FileSelector(path)
