@@ -18,10 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import fm_dataset, generate, ingest, snapshots, train_fm, train_vm  # noqa: E402
+from jobs import das, fm_dataset, generate, ingest, snapshots, train_fm, train_vm  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from jobs.spark import build_spark  # noqa: E402
-from tests.test_training import score_with_fm  # noqa: E402  (the test's stand-in for the DAS)
 
 METHODS = ("none", "kd", "ah", "ah_sa")
 
@@ -47,7 +46,7 @@ def main() -> None:
         out = train_fm.run(day, cfg, spark)
         fm_rate.append(out["n_examples"] / (time.perf_counter() - t))
     for day in days[1:-1]:
-        score_with_fm(spark, cfg, day)
+        das.run(day, cfg, spark)
     fm_uri = snapshots.fm_uri(cfg, days[-2])
     print(
         f"FM {cfg.fm.arch}: {out['parameters']:,} parameters, {np.mean(fm_rate):,.0f} rows/s (with Spark I/O)"

@@ -57,9 +57,58 @@ def cmd_train_vm(cfg: ExfmConfig, args) -> None:
     _print(train_vm.run(args.ds, args.vm, cfg, build_spark(cfg), method=args.method, fresh=args.fresh))
 
 
+def cmd_publish(cfg: ExfmConfig, args) -> None:
+    from jobs import publishing
+    from jobs.spark import build_spark
+
+    _print(publishing.publish(args.ds, cfg, build_spark(cfg)))
+
+
+def cmd_update_pointer(cfg: ExfmConfig, args) -> None:
+    from jobs import publishing
+    from jobs.spark import build_spark
+
+    _print(publishing.update_pointer(cfg, build_spark(cfg)))
+
+
+def cmd_gc_snapshots(cfg: ExfmConfig, args) -> None:
+    from jobs import publishing
+    from jobs.spark import build_spark
+
+    _print(publishing.gc_snapshots(cfg, build_spark(cfg)))
+
+
+def cmd_das_score(cfg: ExfmConfig, args) -> None:
+    from jobs import das
+    from jobs.spark import build_spark
+
+    _print(
+        das.run(args.ds, cfg, build_spark(cfg), freeze_days=args.freeze_days, snapshot_id=args.snapshot_id)
+    )
+
+
+def cmd_snapshots(cfg: ExfmConfig, args) -> None:
+    """A table of the FM snapshots, newest first; * marks the one the pointer holds."""
+    from jobs import publishing
+    from jobs.spark import build_spark
+
+    spark = build_spark(cfg)
+    pointer = publishing.read_pointer(cfg, spark)
+    held = pointer.snapshot_id if pointer else None
+    print(f"{'':2}{'snapshot_id':<32}{'through':<12}{'status':<10}{'holdout_ne':>11}{'ref_ne':>9}  files")
+    for r in publishing.list_snapshots(cfg, spark):
+        ne = "" if r.holdout_ne is None else f"{r.holdout_ne:.4f}"
+        ref = "" if r.reference_ne is None else f"{r.reference_ne:.4f}"
+        files = f"deleted {r.collected_at:%Y-%m-%d %H:%M}" if r.collected_at else r.uri
+        mark = "*" if r.snapshot_id == held else ""
+        print(f"{mark:2}{r.snapshot_id:<32}{r.trained_through_ds:<12}{r.status:<10}{ne:>11}{ref:>9}  {files}")
+    if pointer:
+        print(f"pointer {cfg.das.pointer}: {held}, lease until {pointer.lease_expires_at:%Y-%m-%d %H:%M} UTC")
+
+
 def cmd_demo(cfg: ExfmConfig, args) -> None:
     """Generate synthetic days and run the pipeline on each, with a summary line per day."""
-    from jobs import fm_dataset, generate, ingest, train_fm
+    from jobs import das, fm_dataset, generate, ingest, publishing, train_fm
     from jobs.spark import build_spark
 
     spark = build_spark(cfg)
@@ -69,7 +118,13 @@ def cmd_demo(cfg: ExfmConfig, args) -> None:
         generate.run(day, cfg)
         traffic = ingest.run(day, cfg, spark)
         fm = fm_dataset.run(day, cfg, spark)
+        try:  # paper §3.1: the FM trained through day t-1 scores day t
+            out = das.run(day, cfg, spark)
+            scored = f"{out['requests_scored']} requests scored by {out['snapshot_id']}"
+        except publishing.NoSnapshotError:
+            scored = "no FM yet" if not publishing.list_snapshots(cfg, spark) else "no eligible FM snapshot"
         teacher = train_fm.run(day, cfg, spark)
+        publishing.update_pointer(cfg, spark)
         vms = "  ".join(
             f"{vm}={n} rows ctr={traffic['ctr'].get(vm, float('nan')):.3f}"
             for vm, n in traffic["rows"].items()
@@ -77,7 +132,8 @@ def cmd_demo(cfg: ExfmConfig, args) -> None:
         print(
             f"{day}  vm_traffic: {vms}  dup_dropped={sum(traffic['duplicates_dropped'].values())}"
             f"  |  fm_dataset: {fm['rows']} requests ({fm['shared_requests']} seen by >1 VM)"
-            f"  |  FM trained: loss {teacher['train_loss']:.4f}"
+            f"  |  DAS: {scored}"
+            f"  |  FM trained: loss {teacher['train_loss']:.4f}, {teacher['published']['status']}"
             f"  |  {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
@@ -126,6 +182,26 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", choices=("none", "kd", "ah", "ah_sa"), help="default: vm_training.method")
     sp.add_argument("--fresh", action="store_true", help="start from scratch instead of the VM of ds-1")
     sp.set_defaults(func=cmd_train_vm)
+    sp = sub.add_parser("publish", parents=[common], help="register the FM snapshot of ds (after blessing)")
+    sp.add_argument("--ds", required=True)
+    sp.set_defaults(func=cmd_publish)
+    sp = sub.add_parser(
+        "update-pointer", parents=[common], help="move fm_pointer to the newest eligible snapshot"
+    )
+    sp.set_defaults(func=cmd_update_pointer)
+    sp = sub.add_parser("gc-snapshots", parents=[common], help="delete files of expired, unheld snapshots")
+    sp.set_defaults(func=cmd_gc_snapshots)
+    sp = sub.add_parser(
+        "das-score", parents=[common], help="FM teacher scores for vm_traffic[ds] -> vm_training"
+    )
+    sp.add_argument("--ds", required=True)
+    sp.add_argument(
+        "--freeze-days", type=int, help="use an FM this many days staler (default das.freeze_days)"
+    )
+    sp.add_argument("--snapshot-id", help="score with this snapshot instead of resolving one")
+    sp.set_defaults(func=cmd_das_score)
+    sp = sub.add_parser("snapshots", parents=[common], help="list FM snapshots and the pointer")
+    sp.set_defaults(func=cmd_snapshots)
     sp = sub.add_parser(
         "demo", parents=[common], help="synthetic days through the whole pipeline, with a summary per day"
     )

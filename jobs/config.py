@@ -131,6 +131,25 @@ class VmTrainSettings(_Frozen):
     adapter_lr: float = Field(1e-2, gt=0)
 
 
+class BlessingSettings(_Frozen):
+    """Gate before a new FM snapshot becomes eligible for the DAS (beyond the paper)."""
+
+    enabled: bool = True
+    holdout_fraction: float = Field(0.05, gt=0, lt=1)  # requests the FM never trains on
+    ne_tolerance: float = Field(0.01, ge=0)  # reject if NE > reference NE + this
+
+
+class DasSettings(_Frozen):
+    """The Data Augmentation Service and its snapshot pointer (paper §3.2)."""
+
+    freeze_days: int = Field(0, ge=0)  # > 0: score with an FM that many days staler
+    batch_size: int = Field(4096, ge=1)  # rows per FM forward pass in a Spark worker
+    pointer: Identifier = "fm"  # name of the fm_pointer row (the Zeus record)
+    lease_hours: float = Field(24.0, gt=0)  # how long a reader may keep using a snapshot
+    keep_last: int = Field(3, ge=1)  # gc-snapshots never deletes the newest K
+    blessing: BlessingSettings = BlessingSettings()
+
+
 class ExfmConfig(_Frozen):
     lakehouse_root: str = "./lakehouse"  # Delta tables; any Hadoop path (s3a://...) works
     landing_root: str = "./landing"  # raw logs: landing/ds=YYYY-MM-DD/vm=<name>/*.parquet|csv
@@ -141,6 +160,7 @@ class ExfmConfig(_Frozen):
     synthetic: SyntheticSettings = SyntheticSettings()
     fm: FmSettings = FmSettings()
     vm_training: VmTrainSettings = VmTrainSettings()
+    das: DasSettings = DasSettings()
     vms: tuple[VmSpec, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

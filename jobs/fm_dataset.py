@@ -33,15 +33,19 @@ def query(cfg: ExfmConfig) -> str:
     )
 
 
+def requests(cfg: ExfmConfig, spark, day: dt.date):
+    """vm_traffic of one day merged to one row per request (the DAS scores these too)."""
+    if table_version(spark, cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
+        raise ValueError(f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` first")
+    traffic = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
+    return spark.sql(query(cfg), args={"ds": day.isoformat()}, vm_traffic=traffic)
+
+
 def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     from pyspark.sql import functions as F
 
     day = parse_ds(ds)
-    if table_version(spark, cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
-        raise ValueError(f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` first")
-    spark.read.format("delta").load(cfg.table(VM_TRAFFIC)).createOrReplaceTempView("vm_traffic")
-    dataset = spark.sql(query(cfg), args={"ds": day.isoformat()})
-    replace_partition(dataset, cfg, FM_DATASET, ["ds"], ds=day)
+    replace_partition(requests(cfg, spark, day), cfg, FM_DATASET, ["ds"], ds=day)
 
     stats = (
         read_day(spark, cfg, FM_DATASET, day)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from string import Template
 
@@ -13,6 +14,8 @@ SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 VM_TRAFFIC = "vm_traffic"
 FM_DATASET = "fm_dataset"
 VM_TRAINING = "vm_training"
+FM_SNAPSHOTS = "fm_snapshots"
+FM_POINTER = "fm_pointer"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -22,6 +25,11 @@ def quote(identifier: str) -> str:
     if not _IDENTIFIER.match(identifier):
         raise ValueError(f"not a plain SQL identifier: {identifier!r}")
     return f"`{identifier}`"
+
+
+def table_ref(cfg: ExfmConfig, table: str) -> str:
+    """A Delta table by path, for SQL text: delta.`<path>` (a backtick in the path is doubled)."""
+    return "delta.`" + cfg.table(table).replace("`", "``") + "`"
 
 
 def render_sql(name: str, **identifier_lists: str) -> str:
@@ -51,8 +59,7 @@ def replace_partition(df, cfg: ExfmConfig, table: str, partition_by: list[str], 
     """Atomically replace exactly the rows of ``where`` (one Delta commit); other days untouched.
 
     Rows are range-partitioned and sorted by arrival (event_ts, request_id) inside each table
-    partition, so every file holds one contiguous, sorted slice of time: a reader streams a
-    day in arrival order by reading its files one after the other (see ``day_files``).
+    partition, so every file holds one contiguous slice of time (good for data skipping).
     """
     order = [c for c in partition_by if c != "ds"] + ["event_ts", "request_id"]
     df = df.repartitionByRange(*order).sortWithinPartitions(*order)
@@ -83,54 +90,25 @@ def table_version(spark, cfg: ExfmConfig, table: str) -> int | None:
     return DeltaTable.forPath(spark, path).history(1).first()["version"]
 
 
-def day_files(spark, cfg: ExfmConfig, table: str, ds: dt.date, vm: str | None = None) -> list[str]:
-    """The files of the table's current version for one day (and VM), in arrival order.
+def stream_ordered(df, columns: list[str], batch_rows: int = 8192) -> Iterator:
+    """The rows of a DataFrame in arrival order (event_ts, request_id), as Arrow record batches.
 
-    Comes from the Delta snapshot (``inputFiles``), never a directory listing, which would
-    still hold files that an earlier replaceWhere removed.
+    Spark sorts (a range shuffle, any size) and hands the driver one partition at a time as
+    Arrow IPC blobs of at most ``batch_rows`` rows, so the consumer never holds a whole day.
+    The order comes from the sort, not from the file layout, so it is the same for tables
+    written by replaceWhere or by MERGE, and on every re-run (request_id breaks ties).
     """
-    from pyspark.sql import functions as F
+    import pyarrow as pa
 
-    df = read_day(spark, cfg, table, ds)
-    if vm is not None:
-        df = df.where(F.col("vm") == vm)
-    spans = sorted(_event_ts_span(uri) + (uri,) for uri in df.inputFiles())
-    for (_, prev_max, prev), (next_min, _, nxt) in zip(spans, spans[1:], strict=False):
-        if prev_max > next_min:
-            raise ValueError(
-                f"{table} ds={ds}: files {prev} and {nxt} overlap in event_ts, so the day cannot be "
-                "streamed in arrival order; rewrite the day with its exfm job"
-            )
-    return [uri for *_, uri in spans]
+    def to_ipc(batches):
+        for rb in batches:
+            for start in range(0, rb.num_rows, batch_rows):
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, rb.schema) as writer:
+                    writer.write_batch(rb.slice(start, batch_rows))
+                yield pa.RecordBatch.from_pydict({"ipc": [sink.getvalue().to_pybytes()]})
 
-
-def iter_record_batches(uris: list[str], columns: list[str], batch_size: int):
-    """Arrow record batches of the given files, one after the other; only one batch in memory."""
-    import pyarrow.parquet as pq
-
-    for uri in uris:
-        fs, path = _filesystem(uri)
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            present = [c for c in columns if c in parquet.schema_arrow.names]
-            yield from parquet.iter_batches(batch_size=batch_size, columns=present)
-
-
-def _filesystem(uri: str):
-    from pyarrow import fs
-
-    return fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
-
-
-def _event_ts_span(uri: str) -> tuple:
-    """(min, max) event_ts of a parquet file from its footer statistics."""
-    import pyarrow.parquet as pq
-
-    fs, path = _filesystem(uri)
-    with fs.open_input_file(path) as f:
-        meta = pq.ParquetFile(f).metadata
-    col = meta.schema.to_arrow_schema().get_field_index("event_ts")
-    stats = [meta.row_group(i).column(col).statistics for i in range(meta.num_row_groups)]
-    if not stats or any(s is None or not s.has_min_max for s in stats):
-        raise ValueError(f"{uri} has no event_ts statistics; rewrite it with this version of exfm")
-    return min(s.min for s in stats), max(s.max for s in stats)
+    ordered = df.orderBy("event_ts", "request_id").select(*[c for c in columns if c in df.columns])
+    ordered = ordered.mapInArrow(to_ipc, "ipc binary")
+    for row in ordered.toLocalIterator(prefetchPartitions=True):
+        yield from pa.ipc.open_stream(row.ipc)

@@ -91,6 +91,17 @@ def load(uri: str) -> Snapshot:
     return Snapshot(uri, meta, torch.load(io.BytesIO(payload), weights_only=True))
 
 
+def delete(uri: str) -> bool:
+    """Remove a snapshot directory; False if it was already gone."""
+    from pyarrow import fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
 def trained_days(parent_uri: str) -> list[dt.date]:
     """Days that have a complete snapshot under a parent dir (e.g. snapshots/fm)."""
     from pyarrow import fs as pafs

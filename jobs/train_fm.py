@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from jobs import snapshots
+from jobs import publishing, snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import FM_DATASET
 from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, save_day
@@ -81,7 +81,8 @@ def fit_day(model, optimizer, batches, progress: Progress) -> float:
     return clicks
 
 
-def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False) -> dict:
+def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publish: bool = True) -> dict:
+    """Train the FM on day ds and publish the snapshot (files first, then its fm_snapshots row)."""
     day = parse_ds(ds)
     if len(cfg.labels) != 1:
         raise ValueError(f"the FM trains on one label; the registry has {cfg.labels}")
@@ -91,12 +92,20 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False) -> di
     prior = day_ctr(spark, cfg, FM_DATASET, day, label) if prev_uri is None else None
     model, optimizer, encoder, model_config = start(cfg, prev_uri, prior)
     batches = day_batches(
-        spark, cfg, FM_DATASET, day, encoder, label=label, batch_size=cfg.fm.batch_size, update_stats=True
+        spark,
+        cfg,
+        FM_DATASET,
+        day,
+        encoder,
+        label=label,
+        batch_size=cfg.fm.batch_size,
+        update_stats=True,
+        holdout="exclude" if cfg.das.blessing.enabled else None,  # blessing judges on the rest
     )
     progress = Progress(f"train-fm ds={day}")
     clicks = fit_day(model, optimizer, batches, progress)
 
-    return save_day(
+    saved = save_day(
         snapshots.fm_uri(cfg, day),
         {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
         day=day,
@@ -109,3 +118,6 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False) -> di
         clicks=clicks,
         kind="fm",
     )
+    if not publish:
+        return saved
+    return saved | {"published": publishing.publish(day, cfg, spark)}

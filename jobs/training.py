@@ -7,14 +7,14 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from typing import Literal
 
 from jobs import snapshots
 from jobs.config import ExfmConfig
-from jobs.lakehouse import day_files, iter_record_batches, read_day
+from jobs.lakehouse import read_day, stream_ordered
 from models.data import Batch, FeatureEncoder, stream_batches
 
 log = logging.getLogger(__name__)
-ARROW_BATCH = 8192  # rows per Arrow record batch read from a file
 
 
 def previous_snapshot(parent_uri: str, day: dt.date, fresh: bool) -> str | None:
@@ -50,20 +50,43 @@ def day_batches(
     vm: str | None = None,
     teacher: str | None = None,
     update_stats: bool = False,
+    holdout: Literal["exclude", "only"] | None = None,
 ) -> Iterator[Batch]:
-    """One day of a Delta table as encoded batches, in arrival order, one batch in memory."""
-    uris = day_files(spark, cfg, table, day, vm=vm)
-    if not uris:
+    """One day of a Delta table as encoded batches, in arrival order, one batch in memory.
+
+    ``holdout`` drops (or keeps only) the blessing holdout slice of the day (see ``in_holdout``).
+    """
+    from pyspark.sql import functions as F
+
+    df = read_day(spark, cfg, table, day)
+    if vm is not None:
+        df = df.where(F.col("vm") == vm)
+    if holdout is not None:
+        df = df.where(in_holdout(cfg) if holdout == "only" else ~in_holdout(cfg))
+    if df.isEmpty():
         raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm}" if vm else ""))
     columns = [*encoder.columns, label, *([teacher] if teacher else [])]
     return stream_batches(
-        iter_record_batches(uris, columns, ARROW_BATCH),
+        stream_ordered(df, columns),
         encoder,
         label=label,
         batch_size=batch_size,
         teacher=teacher,
         update_stats=update_stats,
     )
+
+
+def in_holdout(cfg: ExfmConfig):
+    """Spark predicate: the request is in the FM's blessing holdout (a seeded hash of request_id).
+
+    A request is in or out on every day and in every table, so the FM never trains on the rows
+    its snapshot is blessed on.
+    """
+    from pyspark.sql import functions as F
+
+    buckets = 10_000
+    share = round(cfg.das.blessing.holdout_fraction * buckets)
+    return F.pmod(F.xxhash64("request_id", F.lit(cfg.seeds.train)), F.lit(buckets)) < share
 
 
 def config_args(model_config: dict) -> dict:

@@ -2,7 +2,8 @@
 -- A feature name means the same thing in every VM, so the views of a request seen by several
 -- VMs merge column by column; max() keeps the non-null value (views that both carry a feature
 -- agree on it) and is deterministic. Features no view carries stay null.
--- Parameters: :ds. The $$placeholders are lists of quoted column names from the VM registry.
+-- Parameters: :ds; {vm_traffic} is the table's DataFrame. The $$placeholders are lists of
+-- quoted column names from the VM registry.
 SELECT
   request_id,
   min(event_ts) AS event_ts,
@@ -12,6 +13,6 @@ SELECT
   $label_columns,
   array_sort(collect_set(vm)) AS source_vms,
   ds
-FROM vm_traffic
+FROM {vm_traffic}
 WHERE ds = :ds
 GROUP BY ds, request_id

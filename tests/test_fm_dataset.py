@@ -89,7 +89,7 @@ def test_missing_traffic_is_a_clear_error(spark, built):
         fm_dataset.run("2026-01-09", cfg, spark)
 
 
-def test_every_sql_file_renders_and_explains(spark, built):
+def test_query_renders_and_explains(spark, built):
     cfg, _ = built
-    spark.read.format("delta").load(cfg.table(VM_TRAFFIC)).createOrReplaceTempView("vm_traffic")
-    assert spark.sql("EXPLAIN " + fm_dataset.query(cfg), args={"ds": DAY}).first()[0]
+    traffic = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
+    assert spark.sql("EXPLAIN " + fm_dataset.query(cfg), args={"ds": DAY}, vm_traffic=traffic).first()[0]

@@ -7,15 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from jobs import fm_dataset, generate, ingest, snapshots, train_fm, train_vm
-from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING, read_day, replace_partition
+from jobs import das, fm_dataset, generate, ingest, snapshots, train_fm, train_vm
+from jobs.lakehouse import FM_DATASET, VM_TRAINING, read_day, replace_partition
 from jobs.training import Progress, day_batches, day_ctr
-from models.data import FeatureEncoder
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, TINY, tiny_config
 
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
 QUALITY = [
@@ -27,24 +25,9 @@ QUALITY = [
 SEEDS = (11, 12, 13)
 
 
-def score_with_fm(spark, cfg, day):
-    """A minimal DAS for the tests: FM(day-1) scores every VM's rows of ``day`` into vm_training."""
-    snap = snapshots.load(snapshots.fm_uri(cfg, day - dt.timedelta(days=1)))
-    model = train_fm.build_model(snap.meta["model_config"])
-    model.load_state_dict(snap.state["model"])
-    model.eval()
-    encoder = FeatureEncoder.from_state(snap.meta["encoder"])
-    for vm in cfg.vms:
-        rows = read_day(spark, cfg, VM_TRAFFIC, day).where(f"vm = '{vm.name}'").toPandas()  # tiny test data
-        cat, dense = encoder.encode(pa.Table.from_pandas(rows), update_stats=False)
-        with torch.no_grad():
-            rows["teacher_score"] = torch.sigmoid(model(cat, dense)["logit"]).double().numpy()
-        replace_partition(spark.createDataFrame(rows), cfg, VM_TRAINING, ["ds", "vm"], ds=day, vm=vm.name)
-
-
 @pytest.fixture(scope="module")
 def world(spark, tmp_path_factory):
-    """4 synthetic days through ingest and the FM dataset; the FM trained on days 1-3."""
+    """4 synthetic days through ingest and the FM dataset; the FM trained on days 1-3, DAS on 2-3."""
     root = tmp_path_factory.mktemp("training")
     cfg = tiny_config(root, *QUALITY)
     for day in DAYS:
@@ -53,8 +36,8 @@ def world(spark, tmp_path_factory):
         fm_dataset.run(day, cfg, spark)
     for day in DAYS[:3]:
         train_fm.run(day, cfg, spark)
-    for day in DAYS[1:3]:
-        score_with_fm(spark, cfg, day)
+    for day in DAYS[1:3]:  # the DAS: FM(day - 1) scores day
+        assert das.run(day, cfg, spark)["trained_through_ds"] == str(day - dt.timedelta(days=1))
     return root, cfg
 
 
@@ -95,6 +78,7 @@ def test_resume_in_three_processes_equals_one_continuous_run(spark, world, tmp_p
             label="click",
             batch_size=cfg.fm.batch_size,
             update_stats=True,
+            holdout="exclude",
         )
         train_fm.fit_day(model, optimizer, batches, Progress("continuous"))
 

@@ -1,0 +1,142 @@
+"""das-score: the Data Augmentation Service (paper §3.2, Figure 3) for one day.
+
+1. Resolve the FM snapshot the pointer held for ds (``publishing.resolve_for_day``): trained
+   through ds - 1 - freeze_days at the latest, never through ds (label leakage).
+2. Merge the VMs' views of each request as the FM dataset does (sql/fm_dataset.sql), so a
+   request several VMs saw is scored once, with the union of their features; features no VM
+   of the request carries are absent for the FM too.
+3. Score the requests in Spark with ``mapInArrow``: every Python worker loads the snapshot
+   once (verified by sha256) and keeps it for all its batches and tasks.
+4. MERGE each VM's rows of the day with teacher_score / teacher_logit / teacher_snapshot_id
+   into ``vm_training`` keyed on (ds, vm, request_id) (sql/das_merge.sql): one commit per run,
+   confined to day ds, so days can be scored in parallel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from collections.abc import Iterator
+
+from jobs import fm_dataset, publishing, snapshots
+from jobs.config import ExfmConfig, parse_ds
+from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING, read_day, render_sql, table_ref
+
+SCORE_SCHEMA = "request_id string, teacher_logit double, teacher_score double"
+
+# Per Python worker process: sha256 -> (model, encoder). Spark reuses a worker across tasks
+# (spark.python.worker.reuse), so a snapshot is read and deserialised once per worker.
+_TEACHER: dict[str, tuple] = {}
+
+
+def _teacher(uri: str, sha256: str, loads) -> tuple:
+    if sha256 not in _TEACHER:
+        from jobs.train_fm import build_model
+        from models.data import FeatureEncoder
+
+        snap = snapshots.load(uri)
+        if snap.meta["sha256"] != sha256:
+            raise snapshots.SnapshotError(f"{uri} holds sha256 {snap.meta['sha256']}, expected {sha256}")
+        model = build_model(snap.meta["model_config"])
+        model.load_state_dict(snap.state["model"])
+        model.eval()
+        _TEACHER.clear()  # one snapshot per worker at a time
+        _TEACHER[sha256] = (model, FeatureEncoder.from_state(snap.meta["encoder"]))
+        loads.add(1)
+    return _TEACHER[sha256]
+
+
+def score_batches(batches: Iterator, *, uri: str, sha256: str, batch_size: int, loads, scored) -> Iterator:
+    """mapInArrow body: Arrow batches of requests -> (request_id, teacher_logit, teacher_score)."""
+    import pyarrow as pa
+    import torch
+
+    model, encoder = _teacher(uri, sha256, loads)
+    with torch.no_grad():
+        for rb in batches:
+            for start in range(0, rb.num_rows, batch_size):
+                part = rb.slice(start, batch_size)
+                logit = teacher_logits(model, encoder, part)
+                scored.add(1)
+                yield pa.RecordBatch.from_pydict(
+                    {
+                        "request_id": part.column("request_id"),
+                        "teacher_logit": logit.double().numpy(),
+                        "teacher_score": torch.sigmoid(logit).double().numpy(),
+                    }
+                )
+
+
+def teacher_logits(model, encoder, batch):
+    """The FM's logit (float32) for an Arrow batch of requests; bare torch, no Spark."""
+    cat, dense = encoder.encode(batch, update_stats=False)
+    return model(cat, dense)["logit"]
+
+
+def run(
+    ds: str | dt.date,
+    cfg: ExfmConfig,
+    spark,
+    *,
+    freeze_days: int | None = None,
+    snapshot_id: str | None = None,
+) -> dict:
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    from models.data import FeatureEncoder
+
+    day = parse_ds(ds)
+    t0 = time.perf_counter()
+    row = publishing.resolve_for_day(day, cfg, spark, freeze_days=freeze_days, snapshot_id=snapshot_id)
+    snap = publishing.load(row)  # fail on the driver, before any task, if the files are wrong
+    requests = fm_dataset.requests(cfg, spark, day)
+    columns = [c for c in FeatureEncoder.from_state(snap.meta["encoder"]).columns if c in requests.columns]
+
+    t_score = time.perf_counter()
+    loads, scored = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
+    scorer = functools.partial(
+        score_batches,
+        uri=row.uri,
+        sha256=row.sha256,
+        batch_size=cfg.das.batch_size,
+        loads=loads,
+        scored=scored,
+    )
+    # Checkpointed: the MERGE reads its source more than once, the FM scores each request once.
+    scores = requests.select("request_id", *columns).mapInArrow(scorer, SCORE_SCHEMA).localCheckpoint()
+    n_requests = scores.count()
+    scoring_s = time.perf_counter() - t_score
+
+    traffic = read_day(spark, cfg, VM_TRAFFIC, day)
+    source = traffic.join(scores, "request_id").withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
+    path = cfg.table(VM_TRAINING)
+    if DeltaTable.isDeltaTable(spark, path):  # tombstones for rows that left vm_traffic[ds]
+        keys = ["vm", "request_id"]
+        stale = read_day(spark, cfg, VM_TRAINING, day).select("ds", *keys)
+        stale = stale.join(traffic.select(*keys), keys, "left_anti")
+        source = source.unionByName(stale, allowMissingColumns=True)
+    else:
+        source.limit(0).write.format("delta").partitionBy("ds", "vm").mode("ignore").save(path)
+    merge = spark.sql(
+        render_sql("das_merge", vm_training=table_ref(cfg, VM_TRAINING)),
+        args={"ds": day.isoformat()},
+        das_source=source,
+    ).first()
+    rows = read_day(spark, cfg, VM_TRAINING, day).groupBy("vm").count().collect()
+    scores.unpersist()
+    seconds = time.perf_counter() - t0
+    return {
+        "ds": day.isoformat(),
+        "snapshot_id": row.snapshot_id,
+        "trained_through_ds": row.trained_through_ds,
+        "fm_staleness_days": (day - row.day).days,
+        "rows": {r["vm"]: r["count"] for r in sorted(rows)},
+        "requests_scored": n_requests,
+        "model_loads": loads.value,
+        "score_batches": scored.value,
+        "merge": {k: merge[k] for k in ("num_updated_rows", "num_inserted_rows", "num_deleted_rows")},
+        "scoring_rows_per_s": round(n_requests / max(scoring_s, 1e-9)),
+        "seconds": round(seconds, 2),
+    }

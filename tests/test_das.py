@@ -1,0 +1,281 @@
+"""The DAS and snapshot publishing on real Spark + Delta: parity, leakage, idempotency, pointer, GC.
+
+Tests share one small world and run in file order: later ones add snapshots (days 3, 4),
+move pointers and finally garbage-collect.
+"""
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from jobs import das, fm_dataset, generate, ingest, publishing, snapshots, train_fm
+from jobs.lakehouse import FM_DATASET, FM_POINTER, VM_TRAFFIC, VM_TRAINING, read_day
+from models.data import FeatureEncoder
+from tests.conftest import REPO, TINY, tiny_config
+from tests.test_ingest import checksum
+
+DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def world(spark, tmp_path_factory):
+    """4 days of traffic and FM datasets; the FM trained and published through days 1-2."""
+    root = tmp_path_factory.mktemp("das")
+    cfg = tiny_config(root)
+    for day in DAYS:
+        generate.run(day, cfg)
+        ingest.run(day, cfg, spark)
+        fm_dataset.run(day, cfg, spark)
+    for day in DAYS[:2]:
+        assert train_fm.run(day, cfg, spark)["published"]["status"] == "blessed"
+    publishing.update_pointer(cfg, spark)
+    return root, cfg
+
+
+def _cli(root, *args, env_extra=None):
+    """The exfm CLI in its own process (its own Spark driver), on the world's tables."""
+    argv = [sys.executable, "-m", "jobs.cli", *args, "--config", str(REPO / "exfm.yaml")]
+    for item in [
+        *TINY,
+        f"lakehouse_root={root / 'lakehouse'}",
+        "spark.master=local[1]",
+    ]:
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_teacher_scores_equal_direct_torch_scores(spark, world):
+    _, cfg = world
+    day = DAYS[1]
+    out = das.run(day, cfg, spark)
+    row = publishing.resolve_for_day(day, cfg, spark)
+    assert out["snapshot_id"] == row.snapshot_id and row.trained_through_ds == "2026-01-01"
+
+    # The same snapshot in plain torch over the day's merged requests (tiny: collected here).
+    snap = snapshots.load(row.uri)
+    model = train_fm.build_model(snap.meta["model_config"])
+    model.load_state_dict(snap.state["model"])
+    model.eval()
+    requests = read_day(spark, cfg, FM_DATASET, day).toPandas()
+    with torch.no_grad():
+        logit = das.teacher_logits(model, FeatureEncoder.from_state(snap.meta["encoder"]), pa.table(requests))
+    direct = dict(zip(requests["request_id"], torch.sigmoid(logit).double().numpy(), strict=True))
+
+    scored = read_day(spark, cfg, VM_TRAINING, day).toPandas()
+    traffic = read_day(spark, cfg, VM_TRAFFIC, day)
+    assert len(scored) == traffic.count()  # every VM row of the day, nothing else
+    assert set(scored["teacher_snapshot_id"]) == {row.snapshot_id}
+    diff = np.abs(scored["teacher_score"].to_numpy() - scored["request_id"].map(direct).to_numpy())
+    assert diff.max() < 1e-6, diff.max()
+    assert np.allclose(1 / (1 + np.exp(-scored["teacher_logit"])), scored["teacher_score"], atol=1e-6)
+    # A request several VMs saw is scored once: one score per request, fewer requests than rows.
+    assert out["requests_scored"] == requests.shape[0] < len(scored)
+    assert (scored.groupby("request_id")["teacher_score"].nunique() == 1).all()
+
+
+def test_model_loads_once_per_python_worker(spark, world):
+    root, _ = world
+    cfg = tiny_config(root, "das.batch_size=50")  # many batches per task
+    spark.conf.set("spark.sql.shuffle.partitions", "8")  # 8 scoring tasks on 2 cores
+    spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", "false")
+    try:
+        out = das.run(DAYS[1], cfg, spark)
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "2")
+        spark.conf.unset("spark.sql.adaptive.coalescePartitions.enabled")
+    assert out["score_batches"] >= 8 * 3, out
+    assert 1 <= out["model_loads"] <= 2, out  # local[2]: at most two Python workers
+
+
+def test_leakage_guard_refuses_and_writes_nothing(spark, world):
+    _, cfg = world
+    version = _version(spark, cfg, VM_TRAINING)
+    # Day 1: the only eligible snapshots trained through day 1 or later.
+    with pytest.raises(publishing.NoSnapshotError, match="would leak that day's labels"):
+        das.run(DAYS[0], cfg, spark)
+    # Pinning the snapshot trained through day 2 to score day 2.
+    leaking = publishing.resolve_for_day(DAYS[2], cfg, spark).snapshot_id
+    with pytest.raises(publishing.LeakageError, match="trained through 2026-01-02: scoring ds=2026-01-02"):
+        das.run(DAYS[1], cfg, spark, snapshot_id=leaking)
+    assert _version(spark, cfg, VM_TRAINING) == version
+    assert read_day(spark, cfg, VM_TRAINING, DAYS[0]).isEmpty()
+
+
+def test_freeze_days_scores_with_a_staler_snapshot(spark, world):
+    _, cfg = world
+    assert publishing.resolve_for_day(DAYS[2], cfg, spark).trained_through_ds == "2026-01-02"
+    assert publishing.resolve_for_day(DAYS[2], cfg, spark, freeze_days=1).trained_through_ds == "2026-01-01"
+
+
+def test_rerun_is_one_merge_with_the_same_content(spark, world):
+    _, cfg = world
+    day = DAYS[1]
+    das.run(day, cfg, spark)
+    before = checksum(read_day(spark, cfg, VM_TRAINING, day))
+    version = _version(spark, cfg, VM_TRAINING)
+    out = das.run(day, cfg, spark)
+    assert checksum(read_day(spark, cfg, VM_TRAINING, day)) == before
+    history = _history(spark, cfg, VM_TRAINING, after=version)
+    assert [h["operation"] for h in history] == ["MERGE"]
+    assert out["merge"]["num_inserted_rows"] == 0 and out["merge"]["num_deleted_rows"] == 0
+    scored = read_day(spark, cfg, VM_TRAINING, day)
+    assert scored.count() == scored.select("vm", "request_id").distinct().count()
+
+    # A row that left vm_traffic (a re-ingest) leaves vm_training on the next run.
+    from delta.tables import DeltaTable
+
+    gone = read_day(spark, cfg, VM_TRAFFIC, day).where("vm = 'feed'").first()["request_id"]
+    DeltaTable.forPath(spark, cfg.table(VM_TRAFFIC)).delete(
+        f"ds = '{day}' AND vm = 'feed' AND request_id = '{gone}'"  # test-owned literal values
+    )
+    try:
+        assert das.run(day, cfg, spark)["merge"]["num_deleted_rows"] == 1
+        assert (
+            read_day(spark, cfg, VM_TRAINING, day).where(f"request_id = '{gone}' AND vm = 'feed'").isEmpty()
+        )
+    finally:
+        ingest.run(day, cfg, spark)
+        das.run(day, cfg, spark)
+    assert checksum(read_day(spark, cfg, VM_TRAINING, day)) == before
+
+
+def test_writers_of_different_days_do_not_conflict(spark, world):
+    _, cfg = world
+    errors, results = [], {}
+
+    def score(day):
+        try:
+            results[day] = das.run(day, cfg, spark)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=score, args=(day,)) for day in DAYS[1:3]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert {r["trained_through_ds"] for r in results.values()} == {"2026-01-01", "2026-01-02"}
+    for day in DAYS[1:3]:
+        assert read_day(spark, cfg, VM_TRAINING, day).count() == read_day(spark, cfg, VM_TRAFFIC, day).count()
+
+
+def test_killed_publisher_leaves_no_snapshot_and_next_run_publishes(spark, world):
+    root, cfg = world
+    day = DAYS[2]
+    train_fm.run(day, cfg, spark, publish=False)  # files written, row not yet appended
+    killed = _cli(root, "publish", "--ds", str(day), env_extra={"EXFM_FAILPOINT": "publish.before_commit"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "2026-01-03" not in {r.trained_through_ds for r in publishing.list_snapshots(cfg, spark)}
+    assert publishing.resolve_for_day(DAYS[3], cfg, spark).trained_through_ds == "2026-01-02"
+
+    ok = _cli(root, "publish", "--ds", str(day))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    again = publishing.publish(day, cfg, spark)  # idempotent: same snapshot, no second row
+    rows = [r for r in publishing.list_snapshots(cfg, spark) if r.trained_through_ds == "2026-01-03"]
+    assert len(rows) == 1 and rows[0].snapshot_id == again["snapshot_id"] and not again["new"]
+    assert rows[0].status == "blessed"
+    assert publishing.resolve_for_day(DAYS[3], cfg, spark).snapshot_id == rows[0].snapshot_id
+
+
+def test_broken_snapshot_is_rejected_and_the_pointer_stays(spark, world):
+    _, cfg = world
+    day = DAYS[3]
+    assert publishing.update_pointer(cfg, spark)["snapshot_id"].startswith("fm-2026-01-03-")
+    train_fm.run(day, cfg, spark, publish=False)
+    uri = snapshots.fm_uri(cfg, day)
+    good = snapshots.load(uri)
+    broken = {**good.state, "model": {k: torch.zeros_like(v) for k, v in good.state["model"].items()}}
+    snapshots.save(uri, broken, {k: v for k, v in good.meta.items() if k not in ("sha256", "model_file")})
+
+    out = publishing.publish(day, cfg, spark)
+    assert out["status"] == "rejected" and out["holdout_ne"] > out["reference_ne"], out
+    assert out["reference_snapshot_id"].startswith("fm-2026-01-03-")
+    kept = publishing.update_pointer(cfg, spark)
+    assert (kept["action"], kept["snapshot_id"]) == ("extend", out["reference_snapshot_id"])
+
+    train_fm.run(day, cfg, spark)  # retrained correctly: the day's row is replaced
+    rows = [r for r in publishing.list_snapshots(cfg, spark) if r.trained_through_ds == "2026-01-04"]
+    assert [r.status for r in rows] == ["blessed"]
+    assert publishing.update_pointer(cfg, spark)["action"] == "move"
+
+
+def test_racing_updaters_move_the_pointer_once(spark, world):
+    root, _ = world
+    cfg = tiny_config(root, "das.pointer=race")
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def update():
+        try:
+            barrier.wait()
+            results.append(publishing.update_pointer(cfg, spark))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=update) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    newest = publishing.list_snapshots(cfg, spark)[0].snapshot_id
+    assert sorted(r["action"] for r in results) == ["extend", "move"], results
+    pointer = publishing.read_pointer(cfg, spark)
+    assert pointer.snapshot_id == newest
+
+    later = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=1)
+    assert publishing.update_pointer(cfg, spark, now=later)["action"] == "extend"
+    extended = publishing.read_pointer(cfg, spark)
+    assert extended.snapshot_id == newest and extended.lease_expires_at > pointer.lease_expires_at
+
+
+def test_gc_keeps_held_leased_and_newest_snapshots(spark, world):
+    root, _ = world
+    cfg = tiny_config(root, "das.keep_last=1")
+    rows = publishing.list_snapshots(cfg, spark)
+    assert [r.trained_through_ds for r in rows] == ["2026-01-04", "2026-01-03", "2026-01-02", "2026-01-01"]
+    # Day 1 was never held (the first update went straight to day 2); days 2 and 3 were held
+    # by pointer "fm" less than 24 h ago, so their leases still protect them.
+    assert publishing.gc_snapshots(cfg, spark)["collected"] == [rows[3].snapshot_id]
+
+    day_after = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=25)
+    out = publishing.gc_snapshots(cfg, spark, now=day_after)
+    assert sorted(out["collected"]) == sorted(r.snapshot_id for r in rows[1:3])  # day 4 is held and newest
+    assert [snapshots.exists(r.uri) for r in rows] == [True, False, False, False]
+    pointers = spark.read.format("delta").load(cfg.table(FM_POINTER)).collect()
+    assert {p.snapshot_id for p in pointers} == {rows[0].snapshot_id}
+
+    with pytest.raises(snapshots.SnapshotError, match="deleted by gc-snapshots"):
+        das.run(DAYS[2], cfg, spark)  # a backfill of day 3 needs the day-2 snapshot
+    assert publishing.gc_snapshots(cfg, spark, now=day_after)["collected"] == []  # idempotent
+
+
+def test_cli_lists_snapshots_and_the_pointer(world):
+    root, _ = world
+    out = _cli(root, "snapshots")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith("* fm-2026-01-04-") and "blessed" in lines[1]
+    assert "deleted" in lines[-2] and lines[-1].startswith("pointer fm: fm-2026-01-04-")
+
+
+def _version(spark, cfg, table):
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(spark, cfg.table(table)).history(1).first()["version"]
+
+
+def _history(spark, cfg, table, *, after):
+    from delta.tables import DeltaTable
+
+    rows = DeltaTable.forPath(spark, cfg.table(table)).history().where(f"version > {int(after)}").collect()
+    return sorted((r.asDict() for r in rows), key=lambda h: h["version"])
