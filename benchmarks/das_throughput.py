@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import das, fm_dataset, generate, ingest, publishing, snapshots, train_fm  # noqa: E402
+from jobs import das, fm_dataset, generate, ingest, publishing, quality, snapshots, train_fm  # noqa: E402
 from jobs.config import load_config  # noqa: E402
-from jobs.lakehouse import FM_DATASET, read_day, stream_ordered  # noqa: E402
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING, read_day, stream_ordered  # noqa: E402
 from jobs.spark import build_spark  # noqa: E402
 
 
@@ -34,25 +34,35 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="exfm-das-"))
     base = [f"lakehouse_root={root}/lakehouse", f"landing_root={root}/landing", f"truth_root={root}/truth"]
     small = load_config(overrides=[*base, "synthetic.rows_per_day=20000"])
-    cfg = load_config(overrides=[*base, f"synthetic.rows_per_day={args.rows}"])
+    # Day 2 is deliberately much bigger than day 1: widen the gate's row-count band for it.
+    cfg = load_config(
+        overrides=[*base, f"synthetic.rows_per_day={args.rows}", "quality.row_count_factor=1e9"]
+    )
     spark = build_spark(cfg)
     day1 = cfg.synthetic.start_date
     day2 = day1 + dt.timedelta(days=1)
     for day, c in ((day1, small), (day2, cfg)):
         generate.run(day, c)
         ingest.run(day, c, spark)
+        quality.run(VM_TRAFFIC, day, c, spark)
         fm_dataset.run(day, c, spark)
+        quality.run(FM_DATASET, day, c, spark)
     train_fm.run(day1, cfg, spark)
 
     t = time.perf_counter()
     out = das.run(day2, cfg, spark)
     total = time.perf_counter() - t
+    quality.run(VM_TRAINING, day2, cfg, spark)  # untimed: the gate publishes the scores
     vm_rows = sum(out["rows"].values())
     print(
-        f"DAS (Spark {cfg.spark.master}) ds={day2}: {vm_rows:,} VM rows, {out['requests_scored']:,} requests, "
+        f"DAS (Spark {cfg.spark.master}) ds={day2}: {vm_rows:,} VM rows, "
+        f"{out['requests_scored']:,} requests, "
         f"{out['model_loads']} model loads, {out['score_batches']} batches"
     )
-    print(f"  end to end (resolve, score, MERGE): {total:.1f} s = {vm_rows / total:,.0f} VM rows/s")
+    print(
+        f"  das-score end to end (resolve, merge views, score, stage): {total:.1f} s"
+        f" = {vm_rows / total:,.0f} VM rows/s"
+    )
     print(f"  scoring stage: {out['scoring_rows_per_s']:,} requests/s")
 
     row = publishing.resolve_for_day(day2, cfg, spark)

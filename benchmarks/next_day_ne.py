@@ -18,8 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import das, fm_dataset, generate, ingest, snapshots, train_fm, train_vm  # noqa: E402
+from jobs import das, fm_dataset, generate, ingest, quality, snapshots, train_fm, train_vm  # noqa: E402
 from jobs.config import load_config  # noqa: E402
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING  # noqa: E402
 from jobs.spark import build_spark  # noqa: E402
 
 METHODS = ("none", "kd", "ah", "ah_sa")
@@ -39,7 +40,9 @@ def main() -> None:
     for day in days:
         generate.run(day, cfg)
         ingest.run(day, cfg, spark)
+        quality.run(VM_TRAFFIC, day, cfg, spark)
         fm_dataset.run(day, cfg, spark)
+        quality.run(FM_DATASET, day, cfg, spark)
     fm_rate = []
     for day in days[:-1]:
         t = time.perf_counter()
@@ -47,6 +50,7 @@ def main() -> None:
         fm_rate.append(out["n_examples"] / (time.perf_counter() - t))
     for day in days[1:-1]:
         das.run(day, cfg, spark)
+        quality.run(VM_TRAINING, day, cfg, spark)
     fm_uri = snapshots.fm_uri(cfg, days[-2])
     print(
         f"FM {cfg.fm.arch}: {out['parameters']:,} parameters, {np.mean(fm_rate):,.0f} rows/s (with Spark I/O)"

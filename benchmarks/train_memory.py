@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import fm_dataset, generate, ingest, train_fm  # noqa: E402
+from jobs import fm_dataset, generate, ingest, quality, train_fm  # noqa: E402
 from jobs.config import load_config  # noqa: E402
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC  # noqa: E402
 from jobs.spark import build_spark  # noqa: E402
 
 
@@ -86,8 +87,11 @@ def main() -> None:
     spark = build_spark(cfg)
     t = time.perf_counter()
     ingest.run(day, cfg, spark)
+    quality.run(VM_TRAFFIC, day, cfg, spark)
     fm = fm_dataset.run(day, cfg, spark)
-    print(json.dumps({"fm_rows": fm["rows"], "ingest_and_fm_dataset_s": round(time.perf_counter() - t, 1)}))
+    quality.run(FM_DATASET, day, cfg, spark)
+    elapsed = round(time.perf_counter() - t, 1)
+    print(json.dumps({"fm_rows": fm["rows"], "ingest_fm_dataset_and_gates_s": elapsed}))
     spark.stop()
     subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--train-in", str(root)], check=True)
     shutil.rmtree(root)

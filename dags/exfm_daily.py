@@ -1,61 +1,189 @@
-"""exfm_daily: one day of the ExFM pipeline, for the data interval's day.
+"""
+### exfm_daily — one day of ExFM distillation (paper §3.1, DESIGN.md §1)
 
-ingest_traffic -> build_fm_dataset -> train_fm. Each task calls the same ``jobs.<step>.run``
-as the ``exfm`` CLI, so a step can be re-run or debugged without Airflow. Only the standard
-library, pendulum and airflow.sdk are imported at parse time.
-The DAS, VM fan-out, evaluation and data-quality gates join as their issues land.
+The data interval's day is `ds`. The FM trained through `ds - 1` supervises the VMs of `ds`;
+then the FM trains on `ds` for tomorrow.
+
+* traffic: `ingest_traffic` → `gate_vm_traffic` (GX suite, then publish)
+* FM chain: `build_fm_dataset` → `gate_fm_dataset` → `train_fm` → `publish_fm` → `update_pointer`
+* DAS: `das_score` → `gate_vm_training` → `train_vm` (one mapped task per (vm, method))
+* judge yesterday's models on today: `evaluate` → `gate_vm_eval`
+* `report`: the day's HTML page
+
+Every task calls the same `jobs.<step>.run` as the `exfm` CLI and is idempotent, so a retry or
+a clear is safe. Backfill with `--max-active-runs 1`: day t needs the models of day t-1.
 """
 
 from __future__ import annotations
 
+import os
+
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
+SPARK_POOL = "exfm_spark"  # one slot per Spark session the machine can hold (`airflow pools set`)
 
-def _step(name: str):
-    """(run function, config, SparkSession) for a step; heavy imports happen here, in the task."""
-    import importlib
 
+def _ctx():
+    """(ds, config, SparkSession) for a task; heavy imports happen here, inside the task."""
     from jobs.config import load_config
     from jobs.spark import build_spark
 
-    cfg = load_config()  # $EXFM_CONFIG or exfm.yaml, with EXFM__* overrides
-    return importlib.import_module(f"jobs.{name}").run, cfg, build_spark(cfg)
+    cfg = _with_spark_connection(load_config())  # $EXFM_CONFIG or exfm.yaml, EXFM__* overrides
+    return get_current_context()["data_interval_start"].to_date_string(), cfg, build_spark(cfg)
 
 
-def _ds() -> str:
-    return get_current_context()["data_interval_start"].to_date_string()
+def _with_spark_connection(cfg):
+    """The `spark_default` connection, if defined, sets the Spark master (and extra spark.* conf).
+
+    Pointing that connection at a cluster (spark://host:7077, yarn, k8s://...) is the only change
+    needed to run the jobs there; without it the config's master (local[*]) is used.
+    """
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = Connection.get("spark_default")
+    except AirflowNotFoundException:
+        return cfg
+    master = conn.host or cfg.spark.master
+    if conn.conn_type == "spark" and "://" not in master and not master.startswith(("local", "yarn")):
+        master = f"spark://{master}"
+    if conn.port:
+        master = f"{master}:{conn.port}"
+    spark = cfg.spark.model_copy(update={"master": master, "conf": {**cfg.spark.conf, **conn.extra_dejson}})
+    return cfg.model_copy(update={"spark": spark})
+
+
+def _gate(table: str) -> dict:
+    from jobs import quality
+
+    ds, cfg, spark = _ctx()
+    return quality.run(table, ds, cfg, spark)
 
 
 @dag(
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": pendulum.duration(minutes=5)},
+    catchup=os.environ.get("EXFM_CATCHUP", "false").lower() == "true",
+    max_active_runs=1,  # day t needs day t-1's FM and VMs
+    default_args={
+        "pool": SPARK_POOL,
+        "retries": 2,
+        "retry_delay": pendulum.duration(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": pendulum.duration(minutes=30),
+    },
+    doc_md=__doc__,
     tags=["exfm"],
 )
 def exfm_daily():
-    @task
+    @task(doc_md="Landing files of `ds` → staged `vm_traffic` (contract checks before any write).")
     def ingest_traffic() -> dict:
-        """Landing files of the day -> vm_traffic."""
-        run, cfg, spark = _step("ingest")
-        return run(_ds(), cfg, spark)
+        from jobs import ingest
 
-    @task
+        return ingest.run(*_ctx())
+
+    @task(doc_md="GX suite `vm_traffic` on the staged day; publishes it only if it passes.")
+    def gate_vm_traffic() -> dict:
+        return _gate("vm_traffic")
+
+    @task(doc_md="`vm_traffic[ds]` → staged `fm_dataset`: one row per request, union of the VMs' features.")
     def build_fm_dataset() -> dict:
-        """vm_traffic of the day -> fm_dataset."""
-        run, cfg, spark = _step("fm_dataset")
-        return run(_ds(), cfg, spark)
+        from jobs import fm_dataset
 
-    @task(depends_on_past=True)  # the FM of day t continues from the FM of day t-1
+        return fm_dataset.run(*_ctx())
+
+    @task(doc_md="GX suite `fm_dataset`; publishes the day only if it passes.")
+    def gate_fm_dataset() -> dict:
+        return _gate("fm_dataset")
+
+    @task(depends_on_past=True, doc_md="One pass of the FM over `fm_dataset[ds]`, from the FM of `ds-1`.")
     def train_fm() -> dict:
-        """One pass of the FM over the day, from yesterday's snapshot."""
-        run, cfg, spark = _step("train_fm")
-        result = run(_ds(), cfg, spark)
-        return {k: result[k] for k in ("ds", "snapshot", "sha256", "n_examples", "train_loss")}
+        from jobs import train_fm
 
-    ingest_traffic() >> build_fm_dataset() >> train_fm()
+        out = train_fm.run(*_ctx(), publish=False)
+        return {k: out[k] for k in ("ds", "snapshot", "sha256", "n_examples", "train_loss")}
+
+    @task(doc_md="Verify and bless the FM snapshot of `ds`, then append its `fm_snapshots` row.")
+    def publish_fm() -> dict:
+        from jobs import publishing
+
+        return publishing.publish(*_ctx())
+
+    @task(doc_md="Move `fm_pointer` to the newest eligible snapshot (compare-and-set) or extend its lease.")
+    def update_pointer() -> dict:
+        from jobs import publishing
+
+        _, cfg, spark = _ctx()
+        return publishing.update_pointer(cfg, spark)
+
+    @task(doc_md="DAS: the FM trained through `ds-1` scores every VM row of `ds` → staged `vm_training`.")
+    def das_score() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from jobs import das, publishing
+
+        ds, cfg, spark = _ctx()
+        if not any(r.trained_through_ds < ds for r in publishing.list_snapshots(cfg, spark)):
+            raise AirflowSkipException(f"no FM snapshot trained before {ds} yet: the VMs cold-start")
+        out = das.run(ds, cfg, spark)
+        return {k: out[k] for k in ("ds", "snapshot_id", "fm_staleness_days", "rows", "requests_scored")}
+
+    @task(doc_md="GX suite `teacher_scores` (`vm_training`); publishes the day only if it passes.")
+    def gate_vm_training() -> dict:
+        return _gate("vm_training")
+
+    @task(doc_md="The (vm, method) pairs of the VM registry: the fan-out of `train_vm`.")
+    def vm_method_pairs() -> list[dict]:
+        from jobs.config import load_config
+
+        return load_config().vm_method_pairs()
+
+    @task(
+        depends_on_past=True,  # each (vm, method) continues from its snapshot of ds-1
+        trigger_rule="none_failed",  # runs on a cold-start day, when the DAS was skipped
+        map_index_template="{{ pair_label }}",
+        doc_md="One pass of VM `vm` with `method` over `vm_training[ds, vm]` (labels only on a cold start).",
+    )
+    def train_vm(pair: dict) -> dict:
+        from jobs import train_vm
+
+        get_current_context()["pair_label"] = f"{pair['vm']}/{pair['method']}"
+        ds, cfg, spark = _ctx()
+        out = train_vm.run(ds, pair["vm"], cfg, spark, method=pair["method"])
+        return {k: out[k] for k in ("ds", "vm", "method", "snapshot", "n_examples", "cold_start")}
+
+    @task(doc_md="The VM and FM snapshots of `ds-1` on `vm_traffic[ds]`: NE, AUC, calibration → `vm_eval`.")
+    def evaluate() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from jobs import evaluate
+
+        out = evaluate.run(*_ctx())
+        if not out["rows"]:
+            raise AirflowSkipException(f"no models trained through the day before {out['ds']}")
+        return out
+
+    @task(doc_md="GX suite `vm_eval`; publishes the day's metrics only if they pass.")
+    def gate_vm_eval() -> dict:
+        return _gate("vm_eval")
+
+    @task(trigger_rule="none_failed", doc_md="The day's HTML report and the index of all days.")
+    def report() -> dict:
+        from jobs import report
+
+        return report.run(*_ctx())
+
+    traffic = gate_vm_traffic()
+    ingest_traffic() >> traffic
+    fm_chain = traffic >> build_fm_dataset() >> gate_fm_dataset() >> train_fm() >> publish_fm()
+    pointer = fm_chain >> update_pointer()
+    scores = traffic >> das_score() >> gate_vm_training()
+    students = train_vm.expand(pair=vm_method_pairs())
+    scores >> students
+    judged = traffic >> evaluate() >> gate_vm_eval()
+    [pointer, students, judged] >> report()
 
 
 exfm_daily()

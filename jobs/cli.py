@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 
-from jobs.config import ConfigError, ExfmConfig, load_config, parse_ds
+from jobs.config import ENV_PREFIX, ConfigError, ExfmConfig, load_config, parse_ds
 
 log = logging.getLogger("exfm")
 
@@ -41,6 +41,17 @@ def cmd_build_fm_dataset(cfg: ExfmConfig, args) -> None:
     from jobs.spark import build_spark
 
     _print(fm_dataset.run(args.ds, cfg, build_spark(cfg)))
+
+
+def cmd_validate(cfg: ExfmConfig, args) -> None:
+    from jobs import quality
+    from jobs.spark import build_spark
+
+    try:
+        _print(quality.run(args.table, args.ds, cfg, build_spark(cfg)))
+    except quality.QualityError as e:
+        print(f"exfm validate: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def cmd_train_fm(cfg: ExfmConfig, args) -> None:
@@ -87,6 +98,20 @@ def cmd_das_score(cfg: ExfmConfig, args) -> None:
     )
 
 
+def cmd_evaluate(cfg: ExfmConfig, args) -> None:
+    from jobs import evaluate
+    from jobs.spark import build_spark
+
+    _print(evaluate.run(args.ds, cfg, build_spark(cfg)))
+
+
+def cmd_report(cfg: ExfmConfig, args) -> None:
+    from jobs import report
+    from jobs.spark import build_spark
+
+    _print(report.run(args.ds, cfg, build_spark(cfg)))
+
+
 def cmd_snapshots(cfg: ExfmConfig, args) -> None:
     """A table of the FM snapshots, newest first; * marks the one the pointer holds."""
     from jobs import publishing
@@ -107,36 +132,67 @@ def cmd_snapshots(cfg: ExfmConfig, args) -> None:
 
 
 def cmd_demo(cfg: ExfmConfig, args) -> None:
-    """Generate synthetic days and run the pipeline on each, with a summary line per day."""
-    from jobs import das, fm_dataset, generate, ingest, publishing, train_fm
+    """Synthetic days through the exfm_daily DAG in Airflow (dag.test per day), then the report."""
+    import os
+    import subprocess
+    from collections import Counter
+    from pathlib import Path
+
+    from jobs import generate
+
+    days = _days(cfg, args)
+    for day in days:
+        generate.run(day, cfg)
+    root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("AIRFLOW_HOME", str(root / ".airflow"))
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(root / "dags"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    # The DAG's tasks load the config themselves: hand them this one through the environment.
+    if args.config:
+        os.environ["EXFM_CONFIG"] = str(Path(args.config).resolve())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        os.environ[ENV_PREFIX + key.strip().upper().replace(".", "__")] = value
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run([airflow, "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
+
+    import pendulum
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("exfm_daily")
+    lines, failed = [], False
+    for day in days:
+        t0 = time.perf_counter()
+        run = dag.test(logical_date=pendulum.datetime(day.year, day.month, day.day, tz="UTC"))
+        states = Counter(str(ti.state) for ti in run.get_task_instances())
+        failed |= str(run.state) != "success"
+        lines.append(
+            f"{day}  exfm_daily: {run.state} ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"
+            f"  {_gains(cfg, day)}  {time.perf_counter() - t0:.0f}s"
+        )
+    print("\n".join(["", *lines, f"report: {cfg.table('reports')}/index.html"]), flush=True)
+    if failed:
+        raise SystemExit("exfm demo: a day failed; its task logs are above")
+
+
+def _gains(cfg: ExfmConfig, day: dt.date) -> str:
+    """Next-day NE gain of each method over `none`, averaged over the VMs (from vm_eval)."""
+    from jobs import report
+    from jobs.lakehouse import VM_EVAL, read_day, table_version
     from jobs.spark import build_spark
 
     spark = build_spark(cfg)
-    print(f"lakehouse: {cfg.lakehouse_root} (landing: {cfg.landing_root})")
-    for day in _days(cfg, args):
-        t0 = time.perf_counter()
-        generate.run(day, cfg)
-        traffic = ingest.run(day, cfg, spark)
-        fm = fm_dataset.run(day, cfg, spark)
-        try:  # paper §3.1: the FM trained through day t-1 scores day t
-            out = das.run(day, cfg, spark)
-            scored = f"{out['requests_scored']} requests scored by {out['snapshot_id']}"
-        except publishing.NoSnapshotError:
-            scored = "no FM yet" if not publishing.list_snapshots(cfg, spark) else "no eligible FM snapshot"
-        teacher = train_fm.run(day, cfg, spark)
-        publishing.update_pointer(cfg, spark)
-        vms = "  ".join(
-            f"{vm}={n} rows ctr={traffic['ctr'].get(vm, float('nan')):.3f}"
-            for vm, n in traffic["rows"].items()
-        )
-        print(
-            f"{day}  vm_traffic: {vms}  dup_dropped={sum(traffic['duplicates_dropped'].values())}"
-            f"  |  fm_dataset: {fm['rows']} requests ({fm['shared_requests']} seen by >1 VM)"
-            f"  |  DAS: {scored}"
-            f"  |  FM trained: loss {teacher['train_loss']:.4f}, {teacher['published']['status']}"
-            f"  |  {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
+    if table_version(spark, cfg, VM_EVAL) is None:
+        return "NE gain vs none: -"
+    gains: dict[str, list[float]] = {}
+    for (_, method), gain in report.ne_gains(
+        [r.asDict() for r in read_day(spark, cfg, VM_EVAL, day).collect()]
+    ).items():
+        if method != "none":
+            gains.setdefault(method, []).append(gain)
+    return "NE gain vs none: " + (
+        ", ".join(f"{m} {sum(g) / len(g):+.2f}%" for m, g in sorted(gains.items())) or "-"
+    )
 
 
 def _print(result: dict) -> None:
@@ -172,6 +228,12 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("build-fm-dataset", parents=[common], help="vm_traffic of a day -> Delta fm_dataset")
     sp.add_argument("--ds", required=True)
     sp.set_defaults(func=cmd_build_fm_dataset)
+    sp = sub.add_parser(
+        "validate", parents=[common], help="data-quality gate: GX suite on the staged day, then publish"
+    )
+    sp.add_argument("--table", required=True, choices=("vm_traffic", "fm_dataset", "vm_training", "vm_eval"))
+    sp.add_argument("--ds", required=True)
+    sp.set_defaults(func=cmd_validate)
     sp = sub.add_parser("train-fm", parents=[common], help="one pass of the FM over fm_dataset[ds]")
     sp.add_argument("--ds", required=True)
     sp.add_argument("--fresh", action="store_true", help="start from scratch instead of the FM of ds-1")
@@ -200,10 +262,18 @@ def parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--snapshot-id", help="score with this snapshot instead of resolving one")
     sp.set_defaults(func=cmd_das_score)
+    sp = sub.add_parser(
+        "evaluate", parents=[common], help="the VM and FM snapshots of ds-1 on vm_traffic[ds] -> vm_eval"
+    )
+    sp.add_argument("--ds", required=True)
+    sp.set_defaults(func=cmd_evaluate)
+    sp = sub.add_parser("report", parents=[common], help="HTML report of ds (and the index of all days)")
+    sp.add_argument("--ds", required=True)
+    sp.set_defaults(func=cmd_report)
     sp = sub.add_parser("snapshots", parents=[common], help="list FM snapshots and the pointer")
     sp.set_defaults(func=cmd_snapshots)
     sp = sub.add_parser(
-        "demo", parents=[common], help="synthetic days through the whole pipeline, with a summary per day"
+        "demo", parents=[common], help="synthetic days through the exfm_daily DAG (Airflow), then the report"
     )
     day_range(sp)
     sp.set_defaults(func=cmd_demo)

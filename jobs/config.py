@@ -36,6 +36,9 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+Method = Literal["none", "kd", "ah", "ah_sa"]  # paper §3.3-3.4 (see models/losses.py)
+
+
 class VmSpec(_Frozen):
     """One Vertical Model in the registry: its own view of the traffic."""
 
@@ -45,6 +48,9 @@ class VmSpec(_Frozen):
     label: Identifier = "click"  # binary 0/1
     task: Literal["ctr", "cvr", "engagement"] = "ctr"
     model: Literal["fm", "fmfm", "deepfm"] = "deepfm"  # the student's backbone
+    # Methods the daily DAG trains and evaluates for this VM: production plus the baseline,
+    # so the report always shows the FM's NE gain over `none`.
+    methods: tuple[Method, ...] = Field(("ah_sa", "none"), min_length=1)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -56,6 +62,8 @@ class VmSpec(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"VM {self.name!r} declares {dupes} more than once (features and label)")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"VM {self.name!r} lists a method twice: {list(self.methods)}")
         reserved = sorted(set(names) & set(RESERVED_COLUMNS))
         if reserved:
             raise ValueError(f"VM {self.name!r} uses reserved column names {reserved}")
@@ -117,7 +125,7 @@ class FmSettings(_Frozen):
 class VmTrainSettings(_Frozen):
     """How the students train (paper §3.3-3.4): the method and its GS/LS/LW knobs."""
 
-    method: Literal["none", "kd", "ah", "ah_sa"] = "ah_sa"
+    method: Method = "ah_sa"
     buckets: int = Field(2**14, ge=2)
     embed_dim: int = Field(8, ge=1)
     mlp_dims: tuple[int, ...] = (64,)
@@ -150,6 +158,28 @@ class DasSettings(_Frozen):
     blessing: BlessingSettings = BlessingSettings()
 
 
+class QualitySettings(_Frozen):
+    """Data-quality gates (jobs/quality.py): the bands and ranges the GX suites check."""
+
+    # Bands are relative to the mean of the table's published days in this trailing window;
+    # without history (the first day) they are skipped.
+    trailing_days: int = Field(7, ge=1)
+    row_count_factor: float = Field(3.0, gt=1)  # rows within [mean / f, mean * f]
+    ctr_factor: float = Field(2.0, gt=1)  # each label's mean within [mean / f, mean * f]
+    teacher_ctr_factor: float = Field(3.0, gt=1)  # mean teacher_score within [ctr / f, ctr * f]
+    # Dense feature -> [min, max] (inclusive). Features without a range must still be finite.
+    dense_ranges: dict[Identifier, tuple[float, float]] = Field(default_factory=dict)
+    gx_root: str | None = None  # GX file project (suites, results); default <lakehouse_root>/_gx
+    docs_root: str | None = None  # the Data Docs static site; default <lakehouse_root>/data_docs
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> QualitySettings:
+        bad = {k: v for k, v in self.dense_ranges.items() if not v[0] < v[1]}
+        if bad:
+            raise ValueError(f"dense_ranges must be [min, max] with min < max: {bad}")
+        return self
+
+
 class ExfmConfig(_Frozen):
     lakehouse_root: str = "./lakehouse"  # Delta tables; any Hadoop path (s3a://...) works
     landing_root: str = "./landing"  # raw logs: landing/ds=YYYY-MM-DD/vm=<name>/*.parquet|csv
@@ -161,6 +191,7 @@ class ExfmConfig(_Frozen):
     fm: FmSettings = FmSettings()
     vm_training: VmTrainSettings = VmTrainSettings()
     das: DasSettings = DasSettings()
+    quality: QualitySettings = QualitySettings()
     vms: tuple[VmSpec, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -180,6 +211,9 @@ class ExfmConfig(_Frozen):
         unknown = sorted(set(self.synthetic.base_ctr) - set(names))
         if unknown:
             raise ValueError(f"synthetic.base_ctr names VMs not in the registry: {unknown}")
+        unknown = sorted(set(self.quality.dense_ranges) - set(self.dense_features))
+        if unknown:
+            raise ValueError(f"quality.dense_ranges names columns that are no VM's dense feature: {unknown}")
         return self
 
     # --- derived views of the registry -------------------------------------------------
@@ -188,6 +222,10 @@ class ExfmConfig(_Frozen):
             if v.name == name:
                 return v
         raise KeyError(f"unknown VM {name!r}; the registry has {[v.name for v in self.vms]}")
+
+    def vm_method_pairs(self) -> list[dict[str, str]]:
+        """Every (vm, method) the daily DAG trains: the fan-out of train_vm."""
+        return [{"vm": v.name, "method": m} for v in self.vms for m in v.methods]
 
     @property
     def categorical_features(self) -> tuple[str, ...]:
@@ -209,6 +247,14 @@ class ExfmConfig(_Frozen):
     @property
     def snapshots(self) -> str:
         return _absolute(self.snapshots_root) if self.snapshots_root else self.table("snapshots")
+
+    @property
+    def gx_root(self) -> str:
+        return _absolute(self.quality.gx_root) if self.quality.gx_root else self.table("_gx")
+
+    @property
+    def docs_root(self) -> str:
+        return _absolute(self.quality.docs_root) if self.quality.docs_root else self.table("data_docs")
 
     @property
     def landing(self) -> str:

@@ -7,9 +7,11 @@
    of the request carries are absent for the FM too.
 3. Score the requests in Spark with ``mapInArrow``: every Python worker loads the snapshot
    once (verified by sha256) and keeps it for all its batches and tasks.
-4. MERGE each VM's rows of the day with teacher_score / teacher_logit / teacher_snapshot_id
-   into ``vm_training`` keyed on (ds, vm, request_id) (sql/das_merge.sql): one commit per run,
-   confined to day ds, so days can be scored in parallel.
+4. Stage each VM's rows of the day with teacher_score / teacher_logit / teacher_snapshot_id
+   (``_staging/vm_training``, replaceWhere ds). The gate ``quality.run("vm_training", ...)``
+   validates them (suite ``teacher_scores``) and publishes them with one MERGE keyed on
+   (ds, vm, request_id) (sql/das_merge.sql), confined to day ds, so days can be scored and
+   published in parallel.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import functools
 import time
 from collections.abc import Iterator
 
-from jobs import fm_dataset, publishing, snapshots
+from jobs import fm_dataset, publishing, quality, snapshots
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING, read_day, render_sql, table_ref
+from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING, read_day
 
 SCORE_SCHEMA = "request_id string, teacher_logit double, teacher_score double"
 
@@ -82,7 +84,6 @@ def run(
     freeze_days: int | None = None,
     snapshot_id: str | None = None,
 ) -> dict:
-    from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     from models.data import FeatureEncoder
@@ -104,27 +105,16 @@ def run(
         loads=loads,
         scored=scored,
     )
-    # Checkpointed: the MERGE reads its source more than once, the FM scores each request once.
+    # Checkpointed: the staging write reads its source twice (range sample, write); the FM
+    # scores each request once.
     scores = requests.select("request_id", *columns).mapInArrow(scorer, SCORE_SCHEMA).localCheckpoint()
     n_requests = scores.count()
     scoring_s = time.perf_counter() - t_score
 
     traffic = read_day(spark, cfg, VM_TRAFFIC, day)
     source = traffic.join(scores, "request_id").withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
-    path = cfg.table(VM_TRAINING)
-    if DeltaTable.isDeltaTable(spark, path):  # tombstones for rows that left vm_traffic[ds]
-        keys = ["vm", "request_id"]
-        stale = read_day(spark, cfg, VM_TRAINING, day).select("ds", *keys)
-        stale = stale.join(traffic.select(*keys), keys, "left_anti")
-        source = source.unionByName(stale, allowMissingColumns=True)
-    else:
-        source.limit(0).write.format("delta").partitionBy("ds", "vm").mode("ignore").save(path)
-    merge = spark.sql(
-        render_sql("das_merge", vm_training=table_ref(cfg, VM_TRAINING)),
-        args={"ds": day.isoformat()},
-        das_source=source,
-    ).first()
-    rows = read_day(spark, cfg, VM_TRAINING, day).groupBy("vm").count().collect()
+    quality.stage(source, cfg, VM_TRAINING, day)
+    rows = quality.staged_day(spark, cfg, VM_TRAINING, day).groupBy("vm").count().collect()
     scores.unpersist()
     seconds = time.perf_counter() - t0
     return {
@@ -136,7 +126,6 @@ def run(
         "requests_scored": n_requests,
         "model_loads": loads.value,
         "score_batches": scored.value,
-        "merge": {k: merge[k] for k in ("num_updated_rows", "num_inserted_rows", "num_deleted_rows")},
         "scoring_rows_per_s": round(n_requests / max(scoring_s, 1e-9)),
         "seconds": round(seconds, 2),
     }

@@ -1,23 +1,18 @@
 """build-fm-dataset: all VMs' traffic of day ds -> Delta ``fm_dataset`` partitioned by ds.
 
 One row per request_id with the union of the VMs' feature sets, the labels and the list of
-source VMs (sql/fm_dataset.sql). Replaces the day in one commit, so a re-run is idempotent.
+source VMs (sql/fm_dataset.sql), built from the published vm_traffic. The day is staged
+(replaceWhere ds on ``_staging/fm_dataset``) and published by the gate
+(``quality.run("fm_dataset", ...)``), so a re-run is idempotent.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
+from jobs import quality
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import (
-    FM_DATASET,
-    VM_TRAFFIC,
-    quote,
-    read_day,
-    render_sql,
-    replace_partition,
-    table_version,
-)
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, quote, read_day, render_sql, table_version
 
 
 def query(cfg: ExfmConfig) -> str:
@@ -36,7 +31,10 @@ def query(cfg: ExfmConfig) -> str:
 def requests(cfg: ExfmConfig, spark, day: dt.date):
     """vm_traffic of one day merged to one row per request (the DAS scores these too)."""
     if table_version(spark, cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
-        raise ValueError(f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` first")
+        raise ValueError(
+            f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` and "
+            f"`exfm validate --table vm_traffic --ds {day}` first"
+        )
     traffic = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
     return spark.sql(query(cfg), args={"ds": day.isoformat()}, vm_traffic=traffic)
 
@@ -45,10 +43,10 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     from pyspark.sql import functions as F
 
     day = parse_ds(ds)
-    replace_partition(requests(cfg, spark, day), cfg, FM_DATASET, ["ds"], ds=day)
+    quality.stage(requests(cfg, spark, day), cfg, FM_DATASET, day)
 
     stats = (
-        read_day(spark, cfg, FM_DATASET, day)
+        quality.staged_day(spark, cfg, FM_DATASET, day)
         .agg(
             F.count("*").alias("rows"),
             F.sum((F.size("source_vms") > 1).cast("long")).alias("shared"),
@@ -59,5 +57,5 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         "ds": day.isoformat(),
         "rows": stats["rows"],
         "shared_requests": stats["shared"],
-        "version": table_version(spark, cfg, FM_DATASET),
+        "staged_version": table_version(spark, cfg, quality.staging_table(FM_DATASET)),
     }

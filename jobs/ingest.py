@@ -2,9 +2,11 @@
 
 Contract (README "Input contract"): ``landing/ds=YYYY-MM-DD/vm=<name>/*.parquet`` (or *.csv
 with a header) holding request_id, event_ts, user_id, ad_id, the VM's declared features and
-its label. Every file is checked before anything is written; the day of every VM is then
-replaced in one Delta commit (replaceWhere ds), so a re-run replaces and a failure changes
-nothing.
+its label. Every file is checked before anything is written (readable, not empty, contract
+columns, types, timestamps, labels, finite dense values); the day of every VM is then staged in
+one Delta commit (replaceWhere ds on ``_staging/vm_traffic``), and the gate
+(``quality.run("vm_traffic", ...)``) validates and publishes it. A re-run replaces the day; a
+failure changes nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
+from jobs import quality
 from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
-from jobs.lakehouse import VM_TRAFFIC, quote, read_day, replace_partition, table_version
+from jobs.lakehouse import VM_TRAFFIC, quote, table_version
 
 FORMATS = ("parquet", "csv")
 MAX_REPORTED = 10  # problems listed in one error message
@@ -36,7 +39,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     day = parse_ds(ds)
     files = _landing_files(spark, cfg, day)
     raw = _read_and_cast(spark, cfg, day, files)
-    stats = _check_contract(raw, cfg)
+    stats = _check_contract(raw, cfg, files)
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -47,11 +50,11 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     deduped = (
         raw.withColumn("_rank", F.row_number().over(first)).where("_rank = 1").select(*columns, "ds", "vm")
     )
-    replace_partition(deduped, cfg, VM_TRAFFIC, ["ds", "vm"], ds=day)
+    quality.stage(deduped, cfg, VM_TRAFFIC, day)
 
     written = {
         r["vm"]: (r["rows"], r["clicks"])
-        for r in read_day(spark, cfg, VM_TRAFFIC, day)
+        for r in quality.staged_day(spark, cfg, VM_TRAFFIC, day)
         .groupBy("vm")
         .agg(F.count("*").alias("rows"), F.sum(F.coalesce(*[F.col(c) for c in cfg.labels])).alias("clicks"))
         .collect()
@@ -61,35 +64,36 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         "rows": {vm: written.get(vm, (0, 0))[0] for vm in stats},
         "duplicates_dropped": {vm: stats[vm] - written.get(vm, (0, 0))[0] for vm in stats},
         "ctr": {vm: (c or 0) / n for vm, (n, c) in written.items() if n},
-        "version": table_version(spark, cfg, VM_TRAFFIC),
+        "staged_version": table_version(spark, cfg, quality.staging_table(VM_TRAFFIC)),
     }
 
 
 def _landing_files(spark, cfg: ExfmConfig, day: dt.date) -> dict[str, list[tuple[str, str]]]:
-    """VM name -> [(path, format)] of the day's landing files, listed through Spark's FS layer."""
-    from pyspark.errors import AnalysisException
+    """VM name -> [(path, format)] of the day's landing files, listed through Hadoop's FS layer.
 
+    Listed with the Hadoop FileSystem (any Hadoop path, s3a:// too) rather than a Spark reader,
+    which silently skips 0-byte files: an empty export must stop the run, not vanish.
+    """
     day_dir = f"{cfg.landing}/ds={day.isoformat()}"
-    try:
-        listing = (
-            spark.read.format("binaryFile")
-            .option("recursiveFileLookup", "true")
-            .load(day_dir)
-            .select("path")
-            .collect()
-        )
-    except AnalysisException as e:
-        if "PATH_NOT_FOUND" in str(e) or "Path does not exist" in str(e):
-            raise ContractError(f"no landing data for ds={day}: {day_dir} does not exist") from None
-        raise
+    jvm = spark.sparkContext._jvm
+    root = jvm.org.apache.hadoop.fs.Path(day_dir)
+    fs = root.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if not fs.exists(root):
+        raise ContractError(f"no landing data for ds={day}: {day_dir} does not exist")
+    listing, found = [], fs.listFiles(root, True)
+    while found.hasNext():
+        status = found.next()
+        listing.append((status.getPath().toString(), status.getLen()))
     files: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for (path,) in listing:
+    for path, length in listing:
         rel = path.split(f"/ds={day.isoformat()}/", 1)[-1]
         if "/" not in rel or not rel.startswith("vm="):
             raise ContractError(f"landing file {path} is not under ds={day}/vm=<name>/")
         vm = rel.split("/", 1)[0].removeprefix("vm=")
         suffix = path.rsplit(".", 1)[-1].lower()
         if suffix in FORMATS:
+            if length == 0:
+                raise ContractError(f"landing file {path} is empty (0 bytes)")
             files[vm].append((path, suffix))
         elif not rel.rsplit("/", 1)[-1].startswith(("_", ".")):  # _SUCCESS, .crc, ...
             raise ContractError(f"landing file {path}: unsupported format (use .parquet or .csv)")
@@ -117,8 +121,7 @@ def _read_and_cast(spark, cfg: ExfmConfig, day: dt.date, files: dict[str, list[t
         needed = [*CONTRACT_COLUMNS, *vm.features, vm.label]
         by_schema: dict[tuple, list[str]] = defaultdict(list)
         for path, fmt in files[vm.name]:
-            reader = _reader(spark, fmt)
-            schema = reader.load(path).schema
+            schema = _schema(spark, path, fmt)
             missing = [c for c in needed if c not in schema.fieldNames()]
             if missing:
                 raise ContractError(
@@ -144,6 +147,25 @@ def _read_and_cast(spark, cfg: ExfmConfig, day: dt.date, files: dict[str, list[t
     return out.withColumn("ds", F.lit(day.isoformat()))
 
 
+def _schema(spark, path: str, fmt: str):
+    """The file's schema, or a ContractError if Spark cannot read it (truncated, not parquet)."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    try:
+        schema = _reader(spark, fmt).load(path).schema
+    except (PySparkException, Py4JJavaError) as e:
+        raise ContractError(f"landing file {path} cannot be read as {fmt}: {_first_line(e)}") from None
+    if not schema.fields:  # a CSV without a header line
+        raise ContractError(f"landing file {path} has no columns (empty {fmt} file)")
+    return schema
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def _reader(spark, fmt: str):
     reader = spark.read.format(fmt)
     if fmt == "csv":  # read every CSV column as text; the contract cast decides its type
@@ -151,8 +173,10 @@ def _reader(spark, fmt: str):
     return reader
 
 
-def _check_contract(raw, cfg: ExfmConfig) -> dict[str, int]:
+def _check_contract(raw, cfg: ExfmConfig, files: dict[str, list[tuple[str, str]]]) -> dict[str, int]:
     """One aggregate pass over the day: rows per VM, or a ContractError naming file, column, rule."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
     from pyspark.sql import functions as F
 
     types = contract_types(cfg)
@@ -160,6 +184,8 @@ def _check_contract(raw, cfg: ExfmConfig) -> dict[str, int]:
     for col in types:
         raw_col, cast = F.col(f"_raw_{col}"), F.col(col)
         rules.append((col, f"value cannot be cast to {types[col]}", raw_col.isNotNull() & cast.isNull()))
+        if types[col] == "int":  # try_cast truncates 0.7 to 0: a label must be a whole number
+            rules.append((col, "value is not an integer", raw_col.cast("double") != cast.cast("double")))
     for col in CONTRACT_COLUMNS:
         rules.append((col, "must not be null", F.col(f"_raw_{col}").isNull()))
     for vm in cfg.vms:
@@ -175,9 +201,21 @@ def _check_contract(raw, cfg: ExfmConfig) -> dict[str, int]:
         hit = F.coalesce(bad, F.lit(False))
         aggs.append(F.sum(hit.cast("long")).alias(f"bad{i}"))
         aggs.append(F.first(F.when(hit, F.col(f"_raw_{col}")), ignorenulls=True).alias(f"ex{i}"))
-    per_file = raw.groupBy("vm", "_file").agg(*aggs).collect()  # one small row per file
+    try:
+        per_file = raw.groupBy("vm", "_file").agg(*aggs).collect()  # one small row per file
+    except (PySparkException, Py4JJavaError) as e:  # e.g. a parquet file with a corrupt page
+        raise ContractError(
+            f"landing files cannot be read; vm_traffic was not changed: {_first_line(e)}"
+        ) from None
 
-    problems = []
+    # A file with a header or schema but no rows is a broken export, not a quiet day.
+    read = {row["_file"] for row in per_file}
+    problems = [
+        f"landing file {path}: has no rows (empty file)"
+        for paths in files.values()
+        for path, _ in paths
+        if path not in read
+    ]
     for row in per_file:
         for i, (col, rule, _) in enumerate(rules):
             if row[f"bad{i}"]:

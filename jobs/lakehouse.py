@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from string import Template
 
 from jobs.config import ExfmConfig
 
+log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 VM_TRAFFIC = "vm_traffic"
 FM_DATASET = "fm_dataset"
 VM_TRAINING = "vm_training"
 FM_SNAPSHOTS = "fm_snapshots"
 FM_POINTER = "fm_pointer"
+VM_SNAPSHOTS = "vm_snapshots"
+VM_EVAL = "vm_eval"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -55,13 +60,20 @@ def partition_predicate(**values: dt.date | str) -> str:
     return " AND ".join(parts)
 
 
-def replace_partition(df, cfg: ExfmConfig, table: str, partition_by: list[str], **where) -> None:
+def replace_partition(
+    df,
+    cfg: ExfmConfig,
+    table: str,
+    partition_by: list[str],
+    order: tuple[str, ...] = ("event_ts", "request_id"),
+    **where,
+) -> None:
     """Atomically replace exactly the rows of ``where`` (one Delta commit); other days untouched.
 
-    Rows are range-partitioned and sorted by arrival (event_ts, request_id) inside each table
+    Rows are range-partitioned and sorted by ``order`` (arrival, for traffic) inside each table
     partition, so every file holds one contiguous slice of time (good for data skipping).
     """
-    order = [c for c in partition_by if c != "ds"] + ["event_ts", "request_id"]
+    order = [c for c in partition_by if c != "ds"] + list(order)
     df = df.repartitionByRange(*order).sortWithinPartitions(*order)
     (
         df.write.format("delta")
@@ -112,3 +124,22 @@ def stream_ordered(df, columns: list[str], batch_rows: int = 8192) -> Iterator:
     ordered = ordered.mapInArrow(to_ipc, "ipc binary")
     for row in ordered.toLocalIterator(prefetchPartitions=True):
         yield from pa.ipc.open_stream(row.ipc)
+
+
+def retry_on_conflict(commit, *, what: str, attempts: int = 5):
+    """Run an idempotent Delta commit again when a concurrent writer won the optimistic race.
+
+    Parallel tasks (the mapped train_vm, the gates of one day) commit to the same small
+    table; Delta makes the loser fail instead of losing an update, and re-running an idempotent
+    MERGE after the winner's commit gives the same result as running it alone.
+    """
+    from delta.exceptions import DeltaConcurrentModificationException
+
+    for attempt in range(attempts):
+        try:
+            return commit()
+        except DeltaConcurrentModificationException as e:
+            if attempt == attempts - 1:
+                raise
+            log.info("%s: lost a commit race (%s), retrying", what, type(e).__name__)
+            time.sleep(0.5 * (attempt + 1))

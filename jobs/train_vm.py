@@ -9,10 +9,20 @@ stop-gradiented output, through a second distillation head).
 from __future__ import annotations
 
 import datetime as dt
+import json
 
-from jobs import snapshots
+from jobs import publishing, snapshots
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING
+from jobs.lakehouse import (
+    VM_SNAPSHOTS,
+    VM_TRAFFIC,
+    VM_TRAINING,
+    read_day,
+    render_sql,
+    retry_on_conflict,
+    table_ref,
+    table_version,
+)
 from jobs.train_fm import ID_FEATURES
 from jobs.training import Progress, config_args, day_batches, day_ctr, evaluate, previous_snapshot, save_day
 
@@ -42,6 +52,9 @@ def run(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     uri = snapshots.vm_uri(cfg, vm.name, method, day)
     prev_uri = previous_snapshot(uri.rsplit("/", 1)[0], day, fresh)
+    teacher = day_teacher(day, vm.name, cfg, spark)
+    cold_start = teacher is None
+    table = VM_TRAFFIC if cold_start else VM_TRAINING
 
     torch.manual_seed(cfg.seeds.train)
     if prev_uri is None:
@@ -61,7 +74,7 @@ def run(
             "head_dims": list(t.head_dims),
             "beta": t.beta,
             "sa_head": method == "ah_sa",
-            "prior_ctr": day_ctr(spark, cfg, VM_TRAINING, day, vm.label, vm=vm.name),
+            "prior_ctr": day_ctr(spark, cfg, table, day, vm.label, vm=vm.name),
         }
     else:
         prev = snapshots.load(prev_uri)
@@ -79,15 +92,16 @@ def run(
         if adapter is not None:
             adapter.load_state_dict(prev.state["adapter"])
             adapter_optimizer.load_state_dict(prev.state["adapter_optimizer"])
-    distill = DistillConfig(method=method, w=t.w, alpha=t.alpha)
-
-    progress = Progress(f"train-vm {vm.name}/{method} ds={day}")
+    # Cold start (no FM yet): the labels alone, whatever the method; its heads start learning
+    # from the teacher on the first day that has teacher scores.
+    distill = DistillConfig(method="none" if cold_start else method, w=t.w, alpha=t.alpha)
+    progress = Progress(f"train-vm {vm.name}/{method} ds={day}" + (" (cold start)" if cold_start else ""))
     clicks = 0.0
-    teacher_col = None if method == "none" else TEACHER  # `none` never reads teacher scores
+    teacher_col = None if distill.method == "none" else TEACHER  # `none` never reads teacher scores
     for batch in day_batches(
         spark,
         cfg,
-        VM_TRAINING,
+        table,
         day,
         encoder,
         label=vm.label,
@@ -97,7 +111,7 @@ def run(
         update_stats=True,
     ):
         adapter_prob = None
-        if adapter is not None:  # Algorithm 1, step 1: update the adapter on the label (Eq 6)
+        if adapter is not None and not cold_start:  # Algorithm 1 step 1: the adapter on the label (Eq 6)
             loss_sa = adapter_loss(adapter(batch.teacher), batch.label)
             adapter_optimizer.zero_grad(set_to_none=True)
             loss_sa.backward()
@@ -117,7 +131,12 @@ def run(
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     if adapter is not None:
         state |= {"adapter": adapter.state_dict(), "adapter_optimizer": adapter_optimizer.state_dict()}
-    return save_day(
+    # The teacher the snapshot learned from (`none` never read a teacher score).
+    lineage = dict.fromkeys(("teacher_snapshot_id", "teacher_trained_through_ds"))
+    if teacher is not None and method != "none":
+        lineage = teacher
+    hyper = {"w": t.w, "alpha": t.alpha, "beta": t.beta, "lr": t.lr, "batch_size": t.batch_size}
+    saved = save_day(
         uri,
         state,
         day=day,
@@ -131,8 +150,57 @@ def run(
         kind="vm",
         vm=vm.name,
         method=method,
-        distill={"w": t.w, "alpha": t.alpha, "beta": t.beta},
+        distill=hyper,
+        cold_start=cold_start,
+        **lineage,
     )
+    ref = table_ref(cfg, VM_SNAPSHOTS)
+    args = {
+        "vm": vm.name,
+        "method": method,
+        "ds": day.isoformat(),
+        "uri": uri,
+        "sha256": saved["sha256"],
+        **lineage,
+        "n_examples": saved["n_examples"],
+        "train_loss": saved["train_loss"],
+        "hyper_parameters": json.dumps(hyper, sort_keys=True),
+    }
+
+    def register():  # the other (vm, method) tasks of the day register at the same time
+        spark.sql(render_sql("vm_snapshots_create", vm_snapshots=ref))
+        spark.sql(render_sql("vm_snapshots_upsert", vm_snapshots=ref), args=args)
+
+    retry_on_conflict(register, what=f"vm_snapshots {vm.name}/{method} ds={day}")
+    return saved | {"cold_start": cold_start, **lineage}
+
+
+def day_teacher(day: dt.date, vm: str, cfg: ExfmConfig, spark) -> dict | None:
+    """The FM snapshot whose scores vm_training[ds, vm] holds (id, trained_through_ds), or None
+    on a cold start.
+
+    A cold start is only the days before any FM snapshot exists: a missing DAS run on a
+    later day is an error, never a silent switch to training without the teacher.
+    """
+    from pyspark.sql import functions as F
+
+    ids = []
+    if table_version(spark, cfg, VM_TRAINING) is not None:
+        rows = read_day(spark, cfg, VM_TRAINING, day).where(F.col("vm") == vm)
+        ids = [r[0] for r in rows.select("teacher_snapshot_id").distinct().collect()]
+    if len(ids) > 1:
+        raise ValueError(
+            f"vm_training ds={day} vm={vm} mixes teacher snapshots {sorted(ids)}: re-run das-score"
+        )
+    if ids:
+        row = next((r for r in publishing.list_snapshots(cfg, spark) if r.snapshot_id == ids[0]), None)
+        through = row.trained_through_ds if row else None  # None: vm_training copied from elsewhere
+        return {"teacher_snapshot_id": ids[0], "teacher_trained_through_ds": through}
+    if any(r.day < day for r in publishing.list_snapshots(cfg, spark)):
+        raise ValueError(
+            f"vm_training has no rows for ds={day}, vm={vm}: run `exfm das-score --ds {day}` first"
+        )
+    return None
 
 
 def evaluate_on_day(

@@ -1,51 +1,60 @@
-"""The Airflow DAG: parses light, is wired as expected, and runs a real day with dag.test()."""
+"""The Airflow DAG: parses light, is wired as DESIGN.md §1 says, and runs two real days with dag.test()."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from delta.tables import DeltaTable
 
-from jobs import generate
+from jobs.lakehouse import VM_EVAL, VM_SNAPSHOTS, VM_TRAINING
 from tests.conftest import REPO, TINY, tiny_config
 
+DAYS = ["2026-01-01", "2026-01-02"]
+STRUCTURE = {
+    "ingest_traffic": ["gate_vm_traffic"],
+    "gate_vm_traffic": ["build_fm_dataset", "das_score", "evaluate"],
+    "build_fm_dataset": ["gate_fm_dataset"],
+    "gate_fm_dataset": ["train_fm"],
+    "train_fm": ["publish_fm"],
+    "publish_fm": ["update_pointer"],
+    "update_pointer": ["report"],
+    "das_score": ["gate_vm_training"],
+    "gate_vm_training": ["train_vm"],
+    "vm_method_pairs": ["train_vm"],
+    "train_vm": ["report"],
+    "evaluate": ["gate_vm_eval"],
+    "gate_vm_eval": ["report"],
+    "report": [],
+}
+
 RUNNER = """
-import json, sys, pendulum
+import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
-heavy = sorted(m for m in ("torch", "pyspark", "jobs") if m in sys.modules)
-dag = bag.get_dag("exfm_daily")
-structure = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
-run = dag.test(logical_date=pendulum.datetime(2026, 1, 1, tz="UTC"))
-states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+heavy = sorted(m for m in ("torch", "pyspark", "jobs", "great_expectations") if m in sys.modules)
+dag = bag.dags["exfm_daily"]
 print("RESULT " + json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy,
-                              "structure": structure, "run": str(run.state), "states": states}))
+                              "structure": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}}))
 """
 
 
-def test_dag_parses_light_and_runs_a_day(spark, tmp_path):
-    cfg = tiny_config(tmp_path)
-    generate.run("2026-01-01", cfg)
-    env = {
+def airflow_env(tmp_path) -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "EXFM_CONFIG": str(REPO / "exfm.yaml"),
-        "EXFM__LAKEHOUSE_ROOT": cfg.lakehouse_root,
-        "EXFM__LANDING_ROOT": cfg.landing_root,
-        "EXFM__TRUTH_ROOT": cfg.truth_root,
     }
-    for item in TINY:  # the same tiny data as the rest of the suite
-        key, value = item.split("=", 1)
-        env["EXFM__" + key.upper().replace(".", "__")] = value
-    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, cwd=tmp_path)
+
+
+def test_dag_parses_light_and_is_wired_as_designed(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, str(REPO / "dags")],
-        env=env,
+        env=airflow_env(tmp_path),
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -53,14 +62,81 @@ def test_dag_parses_light_and_runs_a_day(spark, tmp_path):
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT ") :])
-    assert result["errors"] == {}
+    assert result["errors"] == {}  # also: no cycles (a cycle is an import error)
     assert result["heavy"] == []  # nothing heavy at parse time
-    assert result["structure"] == {
-        "ingest_traffic": ["build_fm_dataset"],
-        "build_fm_dataset": ["train_fm"],
-        "train_fm": [],
-    }
-    assert result["run"] == "success" and set(result["states"].values()) == {"success"}, result
-    for table in ("vm_traffic", "fm_dataset"):
-        assert DeltaTable.forPath(spark, cfg.table(table)).toDF().where("ds = '2026-01-01'").count() > 0
-    assert (tmp_path / "lakehouse" / "snapshots" / "fm" / "ds=2026-01-01" / "meta.json").exists()
+    assert result["structure"] == STRUCTURE
+
+
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+    """The README's main command, `exfm demo`, for two tiny days: dag.test() of each day."""
+    tmp_path = tmp_path_factory.mktemp("dag")
+    cfg = tiny_config(tmp_path)
+    argv = [sys.executable, "-m", "jobs.cli", "demo", "--start", DAYS[0], "--days", "2"]
+    for item in [*TINY, f"lakehouse_root={cfg.lakehouse_root}", f"landing_root={cfg.landing_root}"]:
+        argv += ["--set", item]
+    argv += ["--set", f"truth_root={cfg.truth_root}"]
+    done = subprocess.run(argv, env=airflow_env(tmp_path), capture_output=True, text=True, cwd=tmp_path)
+    return cfg, done
+
+
+def test_two_days_run_every_task_and_fan_out_over_the_registry(spark, two_days):
+    cfg, done = two_days
+    log = done.stdout[-5000:] + done.stderr[-5000:]
+    assert done.returncode == 0, log
+    lines = {line[:10]: line for line in done.stdout.splitlines() if line[10:24] == "  exfm_daily: "}
+    # Day 1 has no FM trained before it: the DAS and the evaluation skip, the VMs cold-start.
+    assert "exfm_daily: success (4 skipped, " in lines[DAYS[0]], log
+    n_tasks = len(STRUCTURE) - 1 + len(cfg.vm_method_pairs())  # train_vm mapped over every pair
+    assert f"exfm_daily: success ({n_tasks} success)" in lines[DAYS[1]], log
+    assert "report: " in done.stdout
+
+    trained = DeltaTable.forPath(spark, cfg.table(VM_SNAPSHOTS)).toDF().collect()
+    pairs = {(p["vm"], p["method"]) for p in cfg.vm_method_pairs()}
+    assert {(r.vm, r.method, r.ds) for r in trained} == {(*p, ds) for p in pairs for ds in DAYS}
+    cold = {(r.vm, r.method) for r in trained if r.ds == DAYS[0]}
+    assert cold == pairs and all(r.teacher_snapshot_id is None for r in trained if r.ds == DAYS[0])
+    warm = [r for r in trained if r.ds == DAYS[1] and r.method != "none"]
+    assert all(r.teacher_snapshot_id.startswith("fm-2026-01-01-") for r in warm)
+
+    scored = DeltaTable.forPath(spark, cfg.table(VM_TRAINING)).toDF()
+    assert scored.where("ds = '2026-01-01'").isEmpty() and not scored.where("ds = '2026-01-02'").isEmpty()
+    evals = DeltaTable.forPath(spark, cfg.table(VM_EVAL)).toDF().where("ds = '2026-01-02'").collect()
+    assert {(r.vm, r.method) for r in evals} == pairs | {(v.name, "fm") for v in cfg.vms}
+    assert all(0 < r.ne < 2 and 0 <= r.auc <= 1 and r.oracle_ne < r.ne for r in evals)
+    assert os.path.exists(cfg.table("reports") + "/ds=2026-01-02.html")
+
+
+def test_evaluate_reruns_idempotently_and_refuses_a_broken_chain(spark, two_days):
+    import pandas as pd
+
+    from jobs import evaluate, quality
+    from jobs.config import parse_ds
+    from tests.test_ingest import checksum
+
+    cfg, _ = two_days
+    day = parse_ds(DAYS[1])
+    table = DeltaTable.forPath(spark, cfg.table(VM_EVAL))
+    before = checksum(table.toDF().where("ds = '2026-01-02'"))
+    evaluate.run(day, cfg, spark)
+    quality.run(VM_EVAL, day, cfg, spark)
+    assert checksum(table.toDF().where("ds = '2026-01-02'")) == before
+
+    # The oracle NE is the LogLoss of the generator's true probabilities, by the same normaliser.
+    row = table.toDF().where("ds = '2026-01-02' AND vm = 'video' AND method = 'none'").first()
+    traffic = DeltaTable.forPath(spark, cfg.table("vm_traffic")).toDF()
+    rows = traffic.where("ds = '2026-01-02' AND vm = 'video'").toPandas()  # tiny
+    truth = pd.read_parquet(f"{cfg.truth}/ds=2026-01-02")
+    joined = rows.merge(truth[["request_id", "p_click"]], on="request_id")
+    p, y = joined["p_click"].to_numpy(), joined["click"].to_numpy()
+    oracle_logloss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    assert row.oracle_ne == pytest.approx(oracle_logloss * row.ne / row.logloss, rel=1e-6)
+
+    # A (vm, method) whose chain has a hole is an error, not a silently missing row.
+    snaps = DeltaTable.forPath(spark, cfg.table(VM_SNAPSHOTS))
+    snaps.delete("vm = 'video' AND method = 'none' AND ds = '2026-01-02'")
+    try:
+        with pytest.raises(ValueError, match="no video/none snapshot trained through 2026-01-02"):
+            evaluate.run("2026-01-03", cfg, spark)
+    finally:
+        snaps.restoreToVersion(snaps.history(2).collect()[1]["version"])

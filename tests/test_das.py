@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs import das, fm_dataset, generate, ingest, publishing, snapshots, train_fm
+from jobs import das, fm_dataset, generate, ingest, publishing, quality, snapshots, train_fm
 from jobs.lakehouse import FM_DATASET, FM_POINTER, VM_TRAFFIC, VM_TRAINING, read_day
 from models.data import FeatureEncoder
 from tests.conftest import REPO, TINY, tiny_config
@@ -32,7 +32,9 @@ def world(spark, tmp_path_factory):
     for day in DAYS:
         generate.run(day, cfg)
         ingest.run(day, cfg, spark)
+        quality.run(VM_TRAFFIC, day, cfg, spark)
         fm_dataset.run(day, cfg, spark)
+        quality.run(FM_DATASET, day, cfg, spark)
     for day in DAYS[:2]:
         assert train_fm.run(day, cfg, spark)["published"]["status"] == "blessed"
     publishing.update_pointer(cfg, spark)
@@ -56,6 +58,8 @@ def test_teacher_scores_equal_direct_torch_scores(spark, world):
     _, cfg = world
     day = DAYS[1]
     out = das.run(day, cfg, spark)
+    gate = quality.run(VM_TRAINING, day, cfg, spark)
+    assert gate["success"] and gate["published"]["operation"] == "MERGE"
     row = publishing.resolve_for_day(day, cfg, spark)
     assert out["snapshot_id"] == row.snapshot_id and row.trained_through_ds == "2026-01-01"
 
@@ -115,17 +119,23 @@ def test_freeze_days_scores_with_a_staler_snapshot(spark, world):
     assert publishing.resolve_for_day(DAYS[2], cfg, spark, freeze_days=1).trained_through_ds == "2026-01-01"
 
 
+def _score(day, cfg, spark) -> dict:
+    """das-score, then its gate (which publishes with one MERGE): the publish's result."""
+    das.run(day, cfg, spark)
+    return quality.run(VM_TRAINING, day, cfg, spark)["published"]
+
+
 def test_rerun_is_one_merge_with_the_same_content(spark, world):
     _, cfg = world
     day = DAYS[1]
-    das.run(day, cfg, spark)
+    _score(day, cfg, spark)
     before = checksum(read_day(spark, cfg, VM_TRAINING, day))
     version = _version(spark, cfg, VM_TRAINING)
-    out = das.run(day, cfg, spark)
+    out = _score(day, cfg, spark)
     assert checksum(read_day(spark, cfg, VM_TRAINING, day)) == before
     history = _history(spark, cfg, VM_TRAINING, after=version)
     assert [h["operation"] for h in history] == ["MERGE"]
-    assert out["merge"]["num_inserted_rows"] == 0 and out["merge"]["num_deleted_rows"] == 0
+    assert out["num_inserted_rows"] == 0 and out["num_deleted_rows"] == 0
     scored = read_day(spark, cfg, VM_TRAINING, day)
     assert scored.count() == scored.select("vm", "request_id").distinct().count()
 
@@ -137,13 +147,14 @@ def test_rerun_is_one_merge_with_the_same_content(spark, world):
         f"ds = '{day}' AND vm = 'feed' AND request_id = '{gone}'"  # test-owned literal values
     )
     try:
-        assert das.run(day, cfg, spark)["merge"]["num_deleted_rows"] == 1
+        assert _score(day, cfg, spark)["num_deleted_rows"] == 1
         assert (
             read_day(spark, cfg, VM_TRAINING, day).where(f"request_id = '{gone}' AND vm = 'feed'").isEmpty()
         )
     finally:
         ingest.run(day, cfg, spark)
-        das.run(day, cfg, spark)
+        quality.run(VM_TRAFFIC, day, cfg, spark)
+        _score(day, cfg, spark)
     assert checksum(read_day(spark, cfg, VM_TRAINING, day)) == before
 
 
@@ -154,6 +165,7 @@ def test_writers_of_different_days_do_not_conflict(spark, world):
     def score(day):
         try:
             results[day] = das.run(day, cfg, spark)
+            quality.run(VM_TRAINING, day, cfg, spark)  # staging and publishing MERGE per day
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

@@ -3,7 +3,7 @@
 import pytest
 from delta.tables import DeltaTable
 
-from jobs import fm_dataset, generate, ingest
+from jobs import fm_dataset, generate, ingest, quality
 from jobs.config import parse_ds
 from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, read_day
 from tests.conftest import tiny_config
@@ -17,7 +17,9 @@ def built(spark, tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("fm"))
     generate.run(DAY, cfg)
     ingest.run(DAY, cfg, spark)
+    quality.run(VM_TRAFFIC, DAY, cfg, spark)
     out = fm_dataset.run(DAY, cfg, spark)
+    quality.run(FM_DATASET, DAY, cfg, spark)
     return cfg, out
 
 
@@ -74,6 +76,7 @@ def test_rerun_is_idempotent(spark, built):
     day = parse_ds(DAY)
     before = checksum(read_day(spark, cfg, FM_DATASET, day))
     fm_dataset.run(DAY, cfg, spark)
+    quality.run(FM_DATASET, DAY, cfg, spark)
     assert checksum(read_day(spark, cfg, FM_DATASET, day)) == before
     history = DeltaTable.forPath(spark, cfg.table(FM_DATASET)).history().collect()
     assert len(history) == 2

@@ -1,4 +1,7 @@
-"""ingest on a real local SparkSession with Delta: contract, idempotency, bad input."""
+"""ingest on a real local SparkSession with Delta: contract, idempotency, bad input.
+
+ingest writes the staging copy of vm_traffic; the gate (quality.run) publishes it.
+"""
 
 import shutil
 
@@ -7,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from delta.tables import DeltaTable
 
-from jobs import generate, ingest
+from jobs import generate, ingest, quality
 from jobs.ingest import ContractError, contract_types
 from jobs.lakehouse import VM_TRAFFIC, read_day
 
@@ -33,6 +36,7 @@ def _history(spark, cfg):
 def test_contract_round_trip(spark, cfg):
     generate.run(DAY, cfg)
     out = ingest.run(DAY, cfg, spark)
+    quality.run(VM_TRAFFIC, DAY, cfg, spark)
     table = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
     types = dict(table.dtypes)
     for col, typ in contract_types(cfg).items():
@@ -68,17 +72,19 @@ def test_rerun_replaces_the_day_and_keeps_other_days(spark, cfg):
     for ds in (DAY, DAY2):
         generate.run(ds, cfg)
         ingest.run(ds, cfg, spark)
+        quality.run(VM_TRAFFIC, ds, cfg, spark)
     day1 = lambda: checksum(read_day(spark, cfg, VM_TRAFFIC, ingest.parse_ds(DAY)))  # noqa: E731
     day2 = lambda: checksum(read_day(spark, cfg, VM_TRAFFIC, ingest.parse_ds(DAY2)))  # noqa: E731
     before1, before2 = day1(), day2()
 
     ingest.run(DAY2, cfg, spark)
+    quality.run(VM_TRAFFIC, DAY2, cfg, spark)
     assert (day1(), day2()) == (before1, before2)
     table = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
     assert table.count() == table.select("vm", "ds", "request_id").distinct().count()
 
     history = _history(spark, cfg)
-    assert len(history) == 3  # one commit per run, each a replaceWhere overwrite of its day
+    assert len(history) == 3  # one commit per published run, each a replaceWhere overwrite of its day
     for entry, ds in zip(history, (DAY, DAY2, DAY2), strict=True):
         assert entry["operation"] == "WRITE"
         assert entry["operationParameters"]["mode"] == "Overwrite"
@@ -86,8 +92,10 @@ def test_rerun_replaces_the_day_and_keeps_other_days(spark, cfg):
 
 
 def _table_state(spark, cfg):
-    return DeltaTable.forPath(spark, cfg.table(VM_TRAFFIC)).history(1).first()["version"], checksum(
-        spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
+    """Version and content of what ingest writes: the staging copy of vm_traffic."""
+    path = cfg.table(quality.staging_table(VM_TRAFFIC))
+    return DeltaTable.forPath(spark, path).history(1).first()["version"], checksum(
+        spark.read.format("delta").load(path)
     )
 
 
@@ -149,6 +157,6 @@ def test_csv_landing_gives_the_same_table_as_parquet(spark, cfg, tmp_path):
         table.to_csv(path.with_suffix(".csv"), index=False)
         path.unlink()
     ingest.run(DAY, csv_cfg, spark)
-    assert checksum(spark.read.format("delta").load(csv_cfg.table(VM_TRAFFIC))) == checksum(
-        spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
+    assert checksum(quality.staged_day(spark, csv_cfg, VM_TRAFFIC, DAY)) == checksum(
+        quality.staged_day(spark, cfg, VM_TRAFFIC, DAY)
     )

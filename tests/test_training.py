@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import das, fm_dataset, generate, ingest, snapshots, train_fm, train_vm
-from jobs.lakehouse import FM_DATASET, VM_TRAINING, read_day, replace_partition
+from jobs import das, fm_dataset, generate, ingest, quality, snapshots, train_fm, train_vm
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING, read_day, replace_partition
 from jobs.training import Progress, day_batches, day_ctr
 from tests.conftest import REPO, TINY, tiny_config
 
@@ -33,11 +33,14 @@ def world(spark, tmp_path_factory):
     for day in DAYS:
         generate.run(day, cfg)
         ingest.run(day, cfg, spark)
+        quality.run(VM_TRAFFIC, day, cfg, spark)
         fm_dataset.run(day, cfg, spark)
+        quality.run(FM_DATASET, day, cfg, spark)
     for day in DAYS[:3]:
         train_fm.run(day, cfg, spark)
     for day in DAYS[1:3]:  # the DAS: FM(day - 1) scores day
         assert das.run(day, cfg, spark)["trained_through_ds"] == str(day - dt.timedelta(days=1))
+        quality.run(VM_TRAINING, day, cfg, spark)
     return root, cfg
 
 
@@ -84,13 +87,7 @@ def test_resume_in_three_processes_equals_one_continuous_run(spark, world, tmp_p
 
     # Three processes, each continuing from the previous day's snapshot.
     args = ["--config", str(REPO / "exfm.yaml")]
-    for item in [
-        *QUALITY,
-        f"lakehouse_root={root / 'lakehouse'}",
-        f"snapshots_root={tmp_path}",
-        "spark.master=local[2]",
-        "spark.shuffle_partitions=2",
-    ]:
+    for item in [*TINY, *QUALITY, f"lakehouse_root={root / 'lakehouse'}", f"snapshots_root={tmp_path}"]:
         args += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for day in DAYS[:3]:

@@ -1,0 +1,129 @@
+"""evaluate: yesterday's models on today's traffic (paper §4.1.2) -> Delta ``vm_eval``.
+
+For day t, every VM snapshot (vm, method) trained through t-1 is scored on that VM's rows of
+``vm_traffic[t]``, and so is the FM trained through t-1 (method ``fm``, on the VM's own view of
+the rows, as the DAS scores them). Each row holds n, NE, AUC, LogLoss, calibration, the FM
+staleness of the teacher the model learned from and, on synthetic data, the oracle NE of the
+generator's true probabilities. All NEs of a VM share one normaliser, the VM's click rate on
+the training day t-1 (the paper's "mean label of the training data"), so methods, the FM and
+the oracle compare directly. The day's rows are staged; the vm_eval gate publishes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from jobs import publishing, quality
+from jobs.config import ExfmConfig, VmSpec, parse_ds
+from jobs.lakehouse import (
+    VM_EVAL,
+    VM_SNAPSHOTS,
+    VM_TRAFFIC,
+    quote,
+    render_sql,
+    table_version,
+)
+from jobs.train_vm import evaluate_on_day
+from jobs.training import day_ctr
+
+log = logging.getLogger(__name__)
+FM_METHOD = "fm"  # the teacher's own rows in vm_eval
+
+SCHEMA = (
+    "ds string, vm string, method string, model_ds string, snapshot_uri string, n long, ne double, "
+    "ne_eval_base double, auc double, logloss double, calibration double, ctr double, "
+    "fm_staleness_days int, teacher_snapshot_id string, oracle_ne double"
+)
+
+
+def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
+    from pyspark.sql import functions as F
+
+    from models.metrics import entropy
+
+    day = parse_ds(ds)
+    model_day = day - dt.timedelta(days=1)
+    vm_snaps, started = {}, set()
+    if table_version(spark, cfg, VM_SNAPSHOTS) is not None:  # small: one row per trained day
+        table = spark.read.format("delta").load(cfg.table(VM_SNAPSHOTS))
+        for r in table.where(F.col("ds") <= model_day.isoformat()).collect():
+            started.add((r.vm, r.method))
+            if r.ds == model_day.isoformat():
+                vm_snaps[(r.vm, r.method)] = r
+    fm = next((r for r in publishing.list_snapshots(cfg, spark) if r.day == model_day), None)
+
+    # Every model to judge, before any work: a hole in a chain fails fast.
+    models, not_started = {}, []  # vm -> [(method, uri, teacher_snapshot_id, teacher_trained_through_ds)]
+    for vm in cfg.vms:
+        for method in vm.methods:
+            snap = vm_snaps.get((vm.name, method))
+            if snap is None and (vm.name, method) in started:
+                # Evaluating without it would quietly drop a method from the comparison.
+                raise ValueError(
+                    f"vm_snapshots has no {vm.name}/{method} snapshot trained through {model_day}, "
+                    f"but earlier ones: run `exfm train-vm --ds {model_day} --vm {vm.name} --method {method}`"
+                )
+            if snap is None:
+                not_started.append(f"{vm.name}/{method}")
+                continue
+            entry = (method, snap.uri, snap.teacher_snapshot_id, snap.teacher_trained_through_ds)
+            models.setdefault(vm.name, []).append(entry)
+        if fm is not None and fm.collected_at is None:
+            models.setdefault(vm.name, []).append((FM_METHOD, fm.uri, fm.snapshot_id, fm.trained_through_ds))
+
+    rows = []
+    for vm in cfg.vms:
+        if vm.name not in models:
+            continue
+        base_rate = day_ctr(spark, cfg, VM_TRAFFIC, model_day, vm.label, vm=vm.name)
+        oracle = oracle_logloss(day, vm, cfg, spark)
+        for method, uri, teacher_id, teacher_ds in models[vm.name]:
+            m = evaluate_on_day(uri, day, vm.name, cfg, spark, base_rate=base_rate)
+            staleness = None if teacher_ds is None else (model_day - dt.date.fromisoformat(teacher_ds)).days
+            rows.append(
+                {
+                    "ds": day.isoformat(),
+                    "vm": vm.name,
+                    "method": method,
+                    "model_ds": model_day.isoformat(),
+                    "snapshot_uri": uri,
+                    "n": int(m["n"]),
+                    **{
+                        k: float(m[k]) for k in ("ne", "ne_eval_base", "auc", "logloss", "calibration", "ctr")
+                    },
+                    "fm_staleness_days": staleness,
+                    "teacher_snapshot_id": teacher_id,
+                    "oracle_ne": None if oracle is None else oracle / entropy(base_rate),
+                }
+            )
+            log.info("vm_eval ds=%s %s/%s: NE %.4f AUC %.4f", day, vm.name, method, m["ne"], m["auc"])
+
+    if rows or table_version(spark, cfg, quality.staging_table(VM_EVAL)) is not None:
+        # Staged for the vm_eval gate, which publishes it; a re-run replaces the day, also to empty.
+        quality.stage(spark.createDataFrame(rows, SCHEMA), cfg, VM_EVAL, day)
+    return {
+        "ds": day.isoformat(),
+        "rows": len(rows),
+        "evaluated": sorted(f"{r['vm']}/{r['method']}" for r in rows),
+        "not_started": not_started,
+    }
+
+
+def oracle_logloss(day: dt.date, vm: VmSpec, cfg: ExfmConfig, spark) -> float | None:
+    """Mean LogLoss of the generator's true probabilities on the VM's rows; None without truth."""
+    from pyspark.errors import AnalysisException
+
+    from models.metrics import LOGLOSS_EPS
+
+    try:
+        truth = spark.read.parquet(f"{cfg.truth}/ds={day.isoformat()}")
+    except AnalysisException:  # not synthetic data: no truth files for the day
+        return None
+    row = spark.sql(
+        render_sql("oracle_logloss", label=quote(vm.label)),
+        args={"ds": day.isoformat(), "vm": vm.name, "eps": LOGLOSS_EPS},
+        traffic=spark.read.format("delta").load(cfg.table(VM_TRAFFIC)),
+        truth=truth,
+    ).first()
+    return None if not row["n"] else float(row["logloss"])

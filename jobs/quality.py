@@ -1,0 +1,570 @@
+"""Data-quality gates: write-audit-publish with great-expectations suites on Spark DataFrames.
+
+A job never writes a day straight into its table. It ``stage``s the day's rows in
+``<lakehouse_root>/_staging/<table>`` (replaceWhere on the day); the gate ``run`` validates the
+staged day with the table's GX suite and only then publishes it into the real table
+(replaceWhere of the day, or the DAS MERGE for vm_training). A day that fails is copied to
+``<lakehouse_root>/_quarantine/<table>/ds=<day>/at=<time>`` for inspection, the real table is
+left exactly as it was, and ``QualityError`` names the table, column, rule and observed value.
+Every run writes one row per (ds, table, suite) to Delta ``dq_results`` and rebuilds the Data
+Docs site (``cfg.docs_root``).
+
+The suites are defined in code below (versioned with the repo). Values that depend on the day
+(bands from the trailing published days, the eligible teacher snapshots) are GX suite
+parameters, so the stored suite is the same for every day and days can be validated in parallel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
+from jobs.lakehouse import (
+    FM_DATASET,
+    FM_SNAPSHOTS,
+    VM_EVAL,
+    VM_TRAFFIC,
+    VM_TRAINING,
+    read_day,
+    render_sql,
+    replace_partition,
+    retry_on_conflict,
+    table_ref,
+    table_version,
+)
+
+log = logging.getLogger(__name__)
+
+STAGING = "_staging"
+QUARANTINE = "_quarantine"
+DQ_RESULTS = "dq_results"
+DOCS_SITE = "local_site"
+FINITE = sys.float_info.max  # between(-FINITE, FINITE) is "finite": Spark orders NaN above +inf
+MAX_REPORTED = 10  # failed expectations listed in one error message
+SPARK_TYPES = {
+    "string": "StringType",
+    "timestamp": "TimestampType",
+    "double": "DoubleType",
+    "int": "IntegerType",
+}
+EVAL_METRICS = ("ne", "auc", "logloss", "calibration")
+
+# GX's file context (stores, Data Docs) is not thread-safe; days validated in threads of one
+# process (tests, backfills) take turns for the GX part, Spark work outside it runs in parallel.
+_GX_LOCK = threading.Lock()
+
+
+class QualityError(ValueError):
+    """A staged day failed its suite (or there is nothing to validate); it was not published."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    suite: str
+    partition_by: tuple[str, ...]
+    order: tuple[str, ...] = ("event_ts", "request_id")  # sort inside partitions on write
+    merge: bool = False  # published by the DAS MERGE (sql/das_merge.sql) instead of replaceWhere
+    may_be_empty: bool = False  # a day without rows is legitimate (no models to evaluate yet)
+
+
+GATES = {
+    VM_TRAFFIC: Gate("vm_traffic", ("ds", "vm")),
+    FM_DATASET: Gate("fm_dataset", ("ds",)),
+    VM_TRAINING: Gate("teacher_scores", ("ds", "vm"), merge=True),
+    VM_EVAL: Gate("vm_eval", ("ds",), order=("vm", "method"), may_be_empty=True),
+}
+
+
+def _gate(table: str) -> Gate:
+    if table not in GATES:
+        raise QualityError(f"no data-quality gate for table {table!r}; gated tables: {sorted(GATES)}")
+    return GATES[table]
+
+
+def staging_table(table: str) -> str:
+    return f"{STAGING}/{table}"
+
+
+# --- write ------------------------------------------------------------------------------
+def stage(df, cfg: ExfmConfig, table: str, ds: str | dt.date, partition_by: list[str] | None = None) -> None:
+    """Write a job's rows of day ds to the table's staging copy (replaceWhere ds), not the table."""
+    gate = _gate(table)
+    partition_by = list(partition_by or gate.partition_by)
+    replace_partition(df, cfg, staging_table(table), partition_by, order=gate.order, ds=parse_ds(ds))
+
+
+def staged_day(spark, cfg: ExfmConfig, table: str, ds: str | dt.date):
+    """The staged rows of one day (what the gate validates and publishes)."""
+    return read_day(spark, cfg, staging_table(table), parse_ds(ds))
+
+
+# --- audit + publish --------------------------------------------------------------------
+def run(table: str, ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
+    """The gate of ``table`` for day ds: validate the staged day, then publish it or quarantine it."""
+    gate, day = _gate(table), parse_ds(ds)
+    t0 = time.perf_counter()
+    if table_version(spark, cfg, staging_table(table)) is None:
+        if gate.may_be_empty:
+            log.info("dq %s ds=%s suite=%s: nothing staged, nothing to publish", table, day, gate.suite)
+            return {"ds": day.isoformat(), "table": table, "suite": gate.suite, "success": True, "rows": 0}
+        raise QualityError(f"{table} ds={day}: nothing staged; run the step that writes {table} first")
+    staged = staged_day(spark, cfg, table, day).cache()  # GX computes many metrics over it
+    try:
+        params = _parameters(table, day, cfg, spark)
+        with _GX_LOCK:
+            outcome = _validate(gate.suite, staged, params, cfg, run_name=f"{table}-{day.isoformat()}")
+        failures = [_describe(table, r, params) for r in outcome["failed"]]
+        record = {
+            "ds": day.isoformat(),
+            "table": table,
+            "suite": gate.suite,
+            "success": not failures,
+            "expectations": outcome["evaluated"],
+            "rows": staged.count(),
+            "failed_rules": failures,
+            "observed": outcome["observed"],
+            "data_docs": outcome["page"],
+            "quarantine": None,
+        }
+        if failures:
+            record["quarantine"] = _quarantine(staged, cfg, table, day)
+            _record(record, cfg, spark)
+            _log_summary(record)
+            shown = failures[:MAX_REPORTED]
+            more = f"\n  ... and {len(failures) - MAX_REPORTED} more" if len(failures) > MAX_REPORTED else ""
+            raise QualityError(
+                f"{table} ds={day} failed suite {gate.suite} ({len(failures)} of {outcome['evaluated']} "
+                f"expectations); {table} was not changed, the staged day is kept in "
+                f"{record['quarantine']}:\n  " + "\n  ".join(shown) + more + f"\nData Docs: {outcome['page']}"
+            )
+        published = _publish(table, gate, staged, day, cfg, spark)
+        _record(record, cfg, spark)
+        _log_summary(record)
+    finally:
+        staged.unpersist()
+    return {
+        **{k: record[k] for k in ("ds", "table", "suite", "success", "expectations", "rows", "observed")},
+        "published": published,
+        "data_docs": f"{cfg.docs_root}/index.html",
+        "validation_page": outcome["page"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _publish(table: str, gate: Gate, staged, day: dt.date, cfg: ExfmConfig, spark) -> dict:
+    """Copy the validated day into the real table in one commit touching only day ds."""
+    if not gate.merge:
+        replace_partition(staged, cfg, table, list(gate.partition_by), order=gate.order, ds=day)
+        return {"operation": "replaceWhere", "version": table_version(spark, cfg, table)}
+    from delta.tables import DeltaTable
+
+    # vm_training: one MERGE keyed on (ds, vm, request_id), so days can be published in
+    # parallel; rows of the day that are no longer staged (a re-ingest dropped them) come in as
+    # tombstones (teacher_snapshot_id NULL) and are deleted.
+    path, source = cfg.table(table), staged
+    if DeltaTable.isDeltaTable(spark, path):
+        keys = ["vm", "request_id"]
+        stale = (
+            read_day(spark, cfg, table, day).select("ds", *keys).join(staged.select(*keys), keys, "left_anti")
+        )
+        source = source.unionByName(stale, allowMissingColumns=True)
+    else:
+        staged.limit(0).write.format("delta").partitionBy(*gate.partition_by).mode("ignore").save(path)
+    merge = spark.sql(
+        render_sql("das_merge", vm_training=table_ref(cfg, table)),
+        args={"ds": day.isoformat()},
+        das_source=source,
+    ).first()
+    return {
+        "operation": "MERGE",
+        "version": table_version(spark, cfg, table),
+        **{k: merge[k] for k in ("num_updated_rows", "num_inserted_rows", "num_deleted_rows")},
+    }
+
+
+def _quarantine(staged, cfg: ExfmConfig, table: str, day: dt.date) -> str:
+    """Keep the failed day for inspection; every failed attempt gets its own Delta table."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    path = cfg.table(f"{QUARANTINE}/{table}/ds={day.isoformat()}/at={stamp}")
+    staged.write.format("delta").save(path)
+    return path
+
+
+def _record(record: dict, cfg: ExfmConfig, spark) -> None:
+    """MERGE one row into dq_results keyed on (ds, table, suite): a re-validation replaces it."""
+    row = {
+        **record,
+        "observed": json.dumps(record["observed"], default=str, sort_keys=True),
+        "validated_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+    }
+    ref = table_ref(cfg, DQ_RESULTS)
+    if table_version(spark, cfg, DQ_RESULTS) is None:
+        spark.sql(render_sql("dq_results_create", dq_results=ref))
+    source = spark.createDataFrame([row], spark.read.format("delta").load(cfg.table(DQ_RESULTS)).schema)
+    # Gates of other tables of the same day (parallel DAG tasks) write the same ds partition.
+    retry_on_conflict(
+        lambda: spark.sql(
+            render_sql("dq_results_merge", dq_results=ref), args={"ds": record["ds"]}, dq_row=source
+        ),
+        what=f"dq_results {record['table']} ds={record['ds']}",
+    )
+
+
+def _log_summary(r: dict) -> None:
+    failed = len(r["failed_rules"])
+    log.info(
+        "dq %s ds=%s suite=%s: %s, %d/%d expectations passed, %d rows%s; Data Docs %s",
+        r["table"],
+        r["ds"],
+        r["suite"],
+        "PASSED" if r["success"] else "FAILED",
+        r["expectations"] - failed,
+        r["expectations"],
+        r["rows"],
+        f", quarantined in {r['quarantine']}" if r["quarantine"] else "",
+        r["data_docs"],
+    )
+
+
+# --- GX -----------------------------------------------------------------------------------
+def _context(cfg: ExfmConfig):
+    """The GX file project under the lakehouse, with its Data Docs site at cfg.docs_root."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    for path in (cfg.gx_root, cfg.docs_root):
+        if "://" in path:
+            raise QualityError(
+                f"{path}: the GX project and Data Docs need a local path (quality.gx_root/docs_root)"
+            )
+    ctx = gx.get_context(mode="file", project_root_dir=cfg.gx_root)
+    site = {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": cfg.docs_root},
+    }
+    sites = ctx.list_data_docs_sites()
+    if sites.get(DOCS_SITE, {}).get("store_backend", {}).get("base_directory") != cfg.docs_root:
+        (ctx.update_data_docs_site if DOCS_SITE in sites else ctx.add_data_docs_site)(DOCS_SITE, site)
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
+        ctx.enable_analytics(False)  # also saves the project config
+    return ctx
+
+
+def _validate(suite_name: str, df, params: dict, cfg: ExfmConfig, run_name: str) -> dict:
+    """Run the suite on the DataFrame through a Checkpoint that updates the Data Docs."""
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    ctx = _context(cfg)
+    try:
+        source = ctx.data_sources.get("exfm")
+    except KeyError:
+        # persist=False: run() caches the staged day itself and unpersists it afterwards.
+        source = ctx.data_sources.add_spark("exfm", persist=False)
+    try:
+        asset = source.get_asset(suite_name)
+    except LookupError:
+        asset = source.add_dataframe_asset(suite_name)
+    try:
+        batch = asset.get_batch_definition("day")
+    except KeyError:
+        batch = asset.add_batch_definition_whole_dataframe("day")
+    suite = ctx.suites.add_or_update(gx.ExpectationSuite(suite_name, expectations=SUITES[suite_name](cfg)))
+    definition = ctx.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
+    )
+    checkpoint = ctx.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=suite_name,
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+            result_format={"result_format": "BASIC", "partial_unexpected_count": 5},
+        )
+    )
+    result = checkpoint.run(
+        batch_parameters={"dataframe": df},
+        expectation_parameters=params,
+        run_id=RunIdentifier(run_name=run_name),
+    )
+    (key, validation), *_ = result.run_results.items()
+    urls = ctx.get_docs_sites_urls(resource_identifier=key, site_names=[DOCS_SITE])
+    # The numbers worth keeping next to the verdict: row counts, means, non-null shares.
+    observed = {
+        _rule_name(r.expectation_config): r.result["observed_value"]
+        for r in validation.results
+        if isinstance(r.result.get("observed_value"), int | float)
+        and not isinstance(r.result["observed_value"], bool)
+    }
+    return {
+        "evaluated": len(validation.results),
+        "failed": [r for r in validation.results if not r.success],
+        "observed": observed,
+        "page": urls[0]["site_url"] if urls else f"{cfg.docs_root}/index.html",
+    }
+
+
+def _rule_name(config) -> str:
+    kw = config.kwargs
+    where = kw.get("column") or ",".join(kw.get("column_list") or ()) or "table"
+    return f"{config.type}({where})"
+
+
+def _describe(table: str, r, params: dict) -> str:
+    """One line per failed expectation: table, column, rule with its bounds, observed value."""
+    config, res = r.expectation_config, r.result
+    kw = config.kwargs
+    if kw.get("column"):
+        where = f"column {kw['column']}"
+    elif kw.get("column_list"):
+        where = f"columns {', '.join(kw['column_list'])}"
+    else:
+        where = "all rows"
+    shown = ("min_value", "max_value", "strict_min", "strict_max", "value", "value_set", "type_")
+    args = {k: _resolve(kw[k], params) for k in shown if kw.get(k) not in (None, False)}
+    rule = config.type + (f" {json.dumps(args, default=str)}" if args else "")
+    if config.description:
+        rule += f" ({config.description})"
+    error = _exception(r.exception_info)
+    if error:
+        observed = f"error: {error}"
+    elif isinstance(res.get("observed_value"), float):
+        observed = f"observed {res['observed_value']:.6g}"
+    elif res.get("observed_value") is not None:
+        observed = f"observed {res['observed_value']}"
+    else:
+        observed = (
+            f"observed {res.get('unexpected_count')} of {res.get('element_count')} rows unexpected, "
+            f"e.g. {res.get('partial_unexpected_list')}"
+        )
+    return f"table {table}, {where}: {rule}: {observed}"
+
+
+def _resolve(value, params: dict):
+    if isinstance(value, dict) and "$PARAMETER" in value:
+        return params.get(value["$PARAMETER"])
+    return value
+
+
+def _exception(info) -> str | None:
+    """The first exception message in GX's exception_info (flat, or keyed by metric)."""
+    if not isinstance(info, dict):
+        return None
+    if info.get("raised_exception"):
+        return str(info.get("exception_message", "")).splitlines()[0]
+    for value in info.values():
+        if isinstance(value, dict) and value.get("raised_exception"):
+            return str(value.get("exception_message", "")).splitlines()[0]
+    return None
+
+
+# --- the suites ---------------------------------------------------------------------------
+def _p(name: str) -> dict:
+    """A suite parameter, bound per day by _parameters()."""
+    return {"$PARAMETER": name}
+
+
+def _label_groups(cfg: ExfmConfig) -> dict[str, list[str] | None]:
+    """Label column -> the VMs that carry it, or None when every VM does (no row condition)."""
+    groups = {label: [v.name for v in cfg.vms if v.label == label] for label in cfg.labels}
+    return {label: None if len(vms) == len(cfg.vms) else vms for label, vms in groups.items()}
+
+
+def vm_traffic_suite(cfg: ExfmConfig) -> list:
+    """vm_traffic: the contract, per-row rules and the day's volume and CTR against history."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    from jobs.ingest import contract_types
+
+    exps = []
+    for col, typ in contract_types(cfg).items():
+        exps.append(gxe.ExpectColumnToExist(column=col))
+        exps.append(gxe.ExpectColumnValuesToBeOfType(column=col, type_=SPARK_TYPES[typ]))
+    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in CONTRACT_COLUMNS]
+    exps += [
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["ds", "vm", "request_id"]),
+        gxe.ExpectColumnValuesToBeInSet(column="vm", value_set=[v.name for v in cfg.vms]),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="event_ts", min_value=_p("day_start"), max_value=_p("day_end"), strict_max=True
+        ),
+        gxe.ExpectTableRowCountToBeBetween(min_value=_p("min_rows"), max_value=_p("max_rows")),
+    ]
+    for label, vms in _label_groups(cfg).items():
+        only = {"row_condition": Column("vm").is_in(vms)} if vms else {}
+        exps += [
+            gxe.ExpectColumnValuesToNotBeNull(column=label, **only),
+            gxe.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1]),
+            gxe.ExpectColumnMeanToBeBetween(
+                column=label, min_value=_p(f"min_mean_{label}"), max_value=_p(f"max_mean_{label}")
+            ),
+        ]
+    for col in cfg.dense_features:
+        lo, hi = cfg.quality.dense_ranges.get(col, (-FINITE, FINITE))
+        exps.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=lo, max_value=hi))
+    return exps
+
+
+def fm_dataset_suite(cfg: ExfmConfig) -> list:
+    """fm_dataset: one row per request of the day's vm_traffic, every VM feature, labels."""
+    import great_expectations.expectations as gxe
+
+    columns = [*CONTRACT_COLUMNS, *cfg.categorical_features, *cfg.dense_features, *cfg.labels, "source_vms"]
+    exps = [gxe.ExpectColumnToExist(column=c) for c in columns]
+    exps += [
+        gxe.ExpectTableRowCountToEqual(value=_p("requests")),
+        gxe.ExpectColumnValuesToNotBeNull(column="request_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="request_id"),
+    ]
+    # A feature a VM declares carries values; all-null means a VM's view got lost.
+    exps += [
+        gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(column=c, min_value=0, strict_min=True)
+        for c in (*cfg.categorical_features, *cfg.dense_features)
+    ]
+    for label, vms in _label_groups(cfg).items():
+        if vms is None:
+            exps.append(gxe.ExpectColumnValuesToNotBeNull(column=label))
+        else:  # only requests a VM with this label saw carry it
+            seen = ", ".join(f"'{v}'" for v in vms)  # registry identifiers, not data values
+            exps.append(
+                gxe.UnexpectedRowsExpectation(
+                    unexpected_rows_query=(
+                        f"SELECT * FROM {{batch}} WHERE `{label}` IS NULL "
+                        f"AND arrays_overlap(source_vms, array({seen}))"
+                    ),
+                    description=f"{label} not null for requests of VMs {vms}",
+                )
+            )
+    return exps
+
+
+def teacher_scores_suite(cfg: ExfmConfig) -> list:
+    """vm_training: a valid, leak-free, roughly calibrated teacher score for every traffic row."""
+    import great_expectations.expectations as gxe
+
+    exps = []
+    for col, typ in (
+        ("teacher_score", "double"),
+        ("teacher_logit", "double"),
+        ("teacher_snapshot_id", "string"),
+    ):
+        exps.append(gxe.ExpectColumnToExist(column=col))
+        exps.append(gxe.ExpectColumnValuesToBeOfType(column=col, type_=SPARK_TYPES[typ]))
+    return exps + [
+        gxe.ExpectTableRowCountToEqual(value=_p("traffic_rows")),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["ds", "vm", "request_id"]),
+        gxe.ExpectColumnValuesToNotBeNull(column="teacher_score"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="teacher_score", min_value=0, max_value=1, strict_min=True, strict_max=True
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(column="teacher_snapshot_id"),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="teacher_snapshot_id",
+            value_set=_p("eligible_snapshots"),
+            description="snapshots trained through a day before ds (no label leakage)",
+        ),
+        gxe.ExpectColumnMeanToBeBetween(
+            column="teacher_score", min_value=_p("min_teacher_mean"), max_value=_p("max_teacher_mean")
+        ),
+    ]
+
+
+def vm_eval_suite(cfg: ExfmConfig) -> list:
+    """vm_eval: finite metrics, NE > 0, AUC in [0, 1], one row per (vm, method)."""
+    import great_expectations.expectations as gxe
+
+    exps = [gxe.ExpectColumnToExist(column=c) for c in ("vm", "method", "n", *EVAL_METRICS)]
+    exps += [
+        gxe.ExpectColumnValuesToBeBetween(column=c, min_value=-FINITE, max_value=FINITE) for c in EVAL_METRICS
+    ]
+    return exps + [
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["ds", "vm", "method"]),
+        gxe.ExpectColumnValuesToNotBeNull(column="ne"),
+        gxe.ExpectColumnValuesToBeBetween(column="ne", min_value=0, max_value=FINITE, strict_min=True),
+        gxe.ExpectColumnValuesToBeBetween(column="auc", min_value=0, max_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1),
+    ]
+
+
+SUITES = {
+    "vm_traffic": vm_traffic_suite,
+    "fm_dataset": fm_dataset_suite,
+    "teacher_scores": teacher_scores_suite,
+    "vm_eval": vm_eval_suite,
+}
+
+
+# --- the day's suite parameters -------------------------------------------------------------
+def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
+    from pyspark.sql import functions as F
+
+    if table == VM_TRAFFIC:
+        return {
+            "day_start": f"{day.isoformat()} 00:00:00",
+            "day_end": f"{(day + dt.timedelta(days=1)).isoformat()} 00:00:00",
+            **_trailing_bands(day, cfg, spark),
+        }
+    if table == FM_DATASET:
+        traffic = read_day(spark, cfg, VM_TRAFFIC, day)
+        return {"requests": traffic.select("request_id").distinct().count()}
+    if table == VM_TRAINING:
+        traffic = read_day(spark, cfg, VM_TRAFFIC, day)
+        stats = traffic.agg(F.count("*").alias("rows"), F.avg(F.coalesce(*cfg.labels)).alias("ctr")).first()
+        eligible = []
+        if table_version(spark, cfg, FM_SNAPSHOTS) is not None:
+            snaps = spark.read.format("delta").load(cfg.table(FM_SNAPSHOTS))
+            eligible = [
+                r.snapshot_id
+                for r in snaps.where(F.col("trained_through_ds") < day.isoformat())
+                .select("snapshot_id")
+                .collect()
+            ]
+        ctr, f = stats["ctr"] or 0.0, cfg.quality.teacher_ctr_factor
+        return {
+            "traffic_rows": stats["rows"],
+            "eligible_snapshots": sorted(eligible),
+            "min_teacher_mean": ctr / f,
+            "max_teacher_mean": min(1.0, ctr * f),
+        }
+    return {}
+
+
+def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
+    """Row count and label-mean bands from the published vm_traffic days before ds."""
+    from pyspark.sql import functions as F
+
+    q = cfg.quality
+    bands = {"min_rows": 1, "max_rows": None}  # an empty day never passes
+    bands |= {f"min_mean_{label}": 0.0 for label in cfg.labels}
+    bands |= {f"max_mean_{label}": 1.0 for label in cfg.labels}
+    if table_version(spark, cfg, VM_TRAFFIC) is None:
+        return bands
+    start = day - dt.timedelta(days=q.trailing_days)
+    history = (
+        spark.read.format("delta")
+        .load(cfg.table(VM_TRAFFIC))
+        .where((F.col("ds") >= start.isoformat()) & (F.col("ds") < day.isoformat()))
+        .agg(
+            F.countDistinct("ds").alias("days"),
+            F.count("*").alias("rows"),
+            *[F.avg(label).alias(label) for label in cfg.labels],
+        )
+        .first()
+    )
+    if not history["days"]:
+        return bands
+    mean_rows = history["rows"] / history["days"]
+    bands["min_rows"] = max(1, math.floor(mean_rows / q.row_count_factor))
+    bands["max_rows"] = math.ceil(mean_rows * q.row_count_factor)
+    for label in cfg.labels:
+        if history[label] is not None:
+            bands[f"min_mean_{label}"] = history[label] / q.ctr_factor
+            bands[f"max_mean_{label}"] = min(1.0, history[label] * q.ctr_factor)
+    return bands
