@@ -126,6 +126,15 @@ def stream_ordered(df, columns: list[str], batch_rows: int = 8192) -> Iterator:
         yield from pa.ipc.open_stream(row.ipc)
 
 
+def delta_conflicts() -> tuple[type[Exception], ...]:
+    """Delta's failed optimistic commits. Not one hierarchy: ConcurrentAppendException, for one,
+    is no DeltaConcurrentModificationException in Python. Importing delta.exceptions is also what
+    makes PySpark raise them instead of a bare Py4JJavaError, so call this before committing."""
+    from delta import exceptions
+
+    return tuple(getattr(exceptions, name) for name in exceptions.__all__)
+
+
 def retry_on_conflict(commit, *, what: str, attempts: int = 5):
     """Run an idempotent Delta commit again when a concurrent writer won the optimistic race.
 
@@ -133,12 +142,11 @@ def retry_on_conflict(commit, *, what: str, attempts: int = 5):
     table; Delta makes the loser fail instead of losing an update, and re-running an idempotent
     MERGE after the winner's commit gives the same result as running it alone.
     """
-    from delta.exceptions import DeltaConcurrentModificationException
-
+    conflicts = delta_conflicts()  # before the commit: importing them installs their conversion
     for attempt in range(attempts):
         try:
             return commit()
-        except DeltaConcurrentModificationException as e:
+        except conflicts as e:
             if attempt == attempts - 1:
                 raise
             log.info("%s: lost a commit race (%s), retrying", what, type(e).__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from jobs import snapshots
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import FM_DATASET, FM_POINTER, FM_SNAPSHOTS, render_sql, table_ref
+from jobs.lakehouse import FM_DATASET, FM_POINTER, FM_SNAPSHOTS, delta_conflicts, render_sql, table_ref
 
 log = logging.getLogger(__name__)
 PUBLISHED, BLESSED, REJECTED = "published", "blessed", "rejected"
@@ -263,9 +263,7 @@ def read_pointer(cfg: ExfmConfig, spark, name: str | None = None):
 
 def update_pointer(cfg: ExfmConfig, spark, *, now: dt.datetime | None = None) -> dict:
     """Move the pointer to the newest eligible snapshot (compare-and-set), else extend its lease."""
-    from delta import exceptions as delta_errors
-
-    races = tuple(getattr(delta_errors, n) for n in delta_errors.__all__)  # failed optimistic commits
+    races = delta_conflicts()
     name = cfg.das.pointer
     for attempt in range(CAS_ATTEMPTS):
         stamp = now or _now()
