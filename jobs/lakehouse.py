@@ -21,6 +21,7 @@ FM_SNAPSHOTS = "fm_snapshots"
 FM_POINTER = "fm_pointer"
 VM_SNAPSHOTS = "vm_snapshots"
 VM_EVAL = "vm_eval"
+DQ_RESULTS = "dq_results"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

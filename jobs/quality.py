@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
 from jobs.lakehouse import (
+    DQ_RESULTS,
     FM_DATASET,
     FM_SNAPSHOTS,
     VM_EVAL,
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 STAGING = "_staging"
 QUARANTINE = "_quarantine"
-DQ_RESULTS = "dq_results"
 DOCS_SITE = "local_site"
 FINITE = sys.float_info.max  # between(-FINITE, FINITE) is "finite": Spark orders NaN above +inf
 MAX_REPORTED = 10  # failed expectations listed in one error message

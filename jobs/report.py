@@ -18,9 +18,8 @@ from pathlib import Path
 from jobs import publishing
 from jobs.config import ExfmConfig, parse_ds
 from jobs.evaluate import FM_METHOD
-from jobs.lakehouse import VM_EVAL, table_version
+from jobs.lakehouse import DQ_RESULTS, VM_EVAL, table_version
 
-DQ_RESULTS = "dq_results"
 METRICS = ("n", "ne", "auc", "logloss", "calibration", "oracle_ne", "fm_staleness_days")
 
 CSS = """
