@@ -40,6 +40,19 @@ def tiny_config(root: Path, *overrides: str) -> ExfmConfig:
     )
 
 
+def land_days(days, cfg: ExfmConfig, spark) -> None:
+    """The start of the DAG for each day: synthetic files, ingest, gate, FM dataset, gate."""
+    from jobs import fm_dataset, generate, ingest, quality
+    from jobs.lakehouse import FM_DATASET, VM_TRAFFIC
+
+    for day in days:
+        generate.run(day, cfg)
+        ingest.run(day, cfg, spark)
+        quality.run(VM_TRAFFIC, day, cfg, spark)
+        fm_dataset.run(day, cfg, spark)
+        quality.run(FM_DATASET, day, cfg, spark)
+
+
 @pytest.fixture
 def cfg(tmp_path) -> ExfmConfig:
     return tiny_config(tmp_path)

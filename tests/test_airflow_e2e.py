@@ -2,7 +2,9 @@
 
 Scheduler, api-server and dag-processor run in a temporary AIRFLOW_HOME on SQLite, on loopback and a
 free port, with the repository's dags/ and a one-VM tiny config; `airflow backfill create` makes the
-runs, the REST API v2 reports them, and the Delta tables of every task that ran are checked.
+runs, the REST API v2 reports them, and the Delta tables of every task that ran are checked. Then the
+middle day is cleared and run again, and the same days are run one by one (`exfm demo`, dag.test per
+day) into a second lakehouse: both must leave exactly the tables the backfill left.
 Also a static check of docker/docker-compose.yaml (no Docker engine needed).
 """
 
@@ -26,14 +28,37 @@ from delta.tables import DeltaTable
 
 from jobs import generate
 from jobs.config import load_config
+from jobs.lakehouse import (
+    DQ_RESULTS,
+    FM_DATASET,
+    FM_SNAPSHOTS,
+    VM_EVAL,
+    VM_SNAPSHOTS,
+    VM_TRAFFIC,
+    VM_TRAINING,
+)
 from tests.conftest import REPO
+from tests.test_ingest import checksum
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
-TIMEOUT_S = 40 * 60  # ~15 tasks a day, each its own Spark JVM, two at a time: minutes on a busy machine
+TIMEOUT_S = 50 * 60  # ~15 tasks a day, each its own Spark JVM, two at a time: minutes on a busy machine
+# Each table's key: a re-run must replace, never add, rows.
+KEYS = {
+    VM_TRAFFIC: ["ds", "vm", "request_id"],
+    FM_DATASET: ["ds", "request_id"],
+    VM_TRAINING: ["ds", "vm", "request_id"],
+    FM_SNAPSHOTS: ["trained_through_ds"],
+    VM_SNAPSHOTS: ["ds", "vm", "method"],
+    VM_EVAL: ["ds", "vm", "method"],
+    DQ_RESULTS: ["ds", "table", "suite"],
+}
+# Columns that say when or where a row was written, not what it holds.
+VOLATILE = ["created_at", "collected_at", "validated_at", "uri", "snapshot_uri", "data_docs", "quarantine"]
 
 
 def _write_config(tmp: Path) -> Path:
     """exfm.yaml shrunk to one VM and tiny days (as conftest.TINY), every path under ``tmp``."""
+    tmp.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((REPO / "exfm.yaml").read_text())
     raw["vms"] = [vm := next(v for v in raw["vms"] if v["name"] == "video")]
     ranges = raw.get("quality", {}).get("dense_ranges")
@@ -101,6 +126,45 @@ def _component_logs(home: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(home.glob("*.log")))
 
 
+def _wait_for_success(api: Api, home: Path, services: subprocess.Popen, deadline: float) -> tuple[list, list]:
+    """Poll the REST API until every day's run succeeded; a task that failed for good fails the test."""
+    while True:
+        runs = api.call("GET", "/api/v2/dags/exfm_daily/dagRuns?limit=100")["dag_runs"]
+        tis = api.call("GET", "/api/v2/dags/exfm_daily/dagRuns/~/taskInstances?limit=100")["task_instances"]
+        states = {r["logical_date"][:10]: r["state"] for r in runs}
+        # Retries are the DAG's answer to transient errors (each task is idempotent); a task that
+        # failed for good ends the wait at once.
+        broken = [ti for ti in tis if ti["state"] in ("failed", "upstream_failed")]
+        if broken or "failed" in states.values():
+            raise AssertionError(f"runs {states}\n{_task_logs(home, tis)}")
+        if len(runs) >= len(DAYS) and set(states.values()) == {"success"}:
+            return runs, tis
+        if time.monotonic() > deadline or services.poll() is not None:
+            raise AssertionError(f"runs {states} after {TIMEOUT_S} s\n{_component_logs(home)}")
+        time.sleep(5)
+
+
+def _tables(spark, cfg) -> dict:
+    """Per table: its content checksum (without VOLATILE columns), after checking its key is unique."""
+    content = {}
+    for table, key in KEYS.items():
+        df = DeltaTable.forPath(spark, cfg.table(table)).toDF()
+        duplicated = df.groupBy(*key).count().where("count > 1").limit(3).collect()
+        assert not duplicated, f"{table}: duplicated {key}: {duplicated}"
+        content[table] = checksum(df.drop(*VOLATILE))
+    pointer = DeltaTable.forPath(spark, cfg.table("fm_pointer")).toDF().collect()
+    content["fm_pointer"] = sorted((r["name"], r["snapshot_id"]) for r in pointer)
+    return content
+
+
+def _durations(tis: list[dict]) -> str:
+    """Seconds per task and day, for the test log: where an Airflow day's time goes."""
+    rows = sorted(
+        (ti["logical_date"][:10], ti["start_date"] or "", ti["task_id"], ti["duration"] or 0) for ti in tis
+    )
+    return "\n".join(f"{ds} {task:<18} {seconds:6.1f}s" for ds, _, task, seconds in rows)
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(TIMEOUT_S + 5 * 60)
 def test_backfill_three_days_in_airflow(spark, tmp_path):
@@ -159,21 +223,21 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
         )
         assert backfill.returncode == 0, backfill.stdout + backfill.stderr
 
-        while True:
-            runs = api.call("GET", "/api/v2/dags/exfm_daily/dagRuns?limit=100")["dag_runs"]
-            tis = api.call("GET", "/api/v2/dags/exfm_daily/dagRuns/~/taskInstances?limit=100")
-            tis = tis["task_instances"]
-            states = {r["logical_date"][:10]: r["state"] for r in runs}
-            # Retries are the DAG's answer to transient errors (each task is idempotent); a task that
-            # failed for good ends the wait at once.
-            broken = [ti for ti in tis if ti["state"] in ("failed", "upstream_failed")]
-            if broken or "failed" in states.values():
-                raise AssertionError(f"runs {states}\n{_task_logs(home, tis)}")
-            if len(runs) >= len(DAYS) and set(states.values()) == {"success"}:
-                break
-            if time.monotonic() > deadline or services.poll() is not None:
-                raise AssertionError(f"runs {states} after {TIMEOUT_S} s\n{_component_logs(home)}")
-            time.sleep(5)
+        runs, tis = _wait_for_success(api, home, services, deadline)
+        print(f"backfill of {len(DAYS)} days:\n{_durations(tis)}")
+        backfilled = _tables(spark, cfg)
+
+        # Clear the middle day, as a user does after a bad run: the scheduler runs it again.
+        cleared = subprocess.run(
+            [str(REPO / "exfm"), "airflow", "tasks", "clear", "exfm_daily", "--yes"]
+            + ["--start-date", DAYS[1], "--end-date", DAYS[1]],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert cleared.returncode == 0, cleared.stdout + cleared.stderr
+        _, rerun_tis = _wait_for_success(api, home, services, deadline)
+        print(f"clear and re-run of {DAYS[1]}:\n{_durations(rerun_tis)}")
     finally:
         if services.poll() is None:
             os.killpg(services.pid, signal.SIGTERM)
@@ -191,7 +255,7 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
     if retried:  # passed, but say so: a retry can hide a race between tasks
         warnings.warn(f"exfm_daily tasks that needed a retry: {retried}", stacklevel=1)
     # The backfill's three runs and nothing else (no catchup, no scheduled run of today).
-    assert len(runs) == len(DAYS) and sorted(states) == DAYS, runs
+    assert sorted(r["logical_date"][:10] for r in runs) == DAYS, runs
     assert {r["run_type"] for r in runs} == {"backfill"}, runs
     assert {ti["state"] for ti in tis if ti["dag_run_id"].startswith("backfill__2026-01-03")} == {"success"}
     # Day 1 has no FM to score with and no models of the day before to judge.
@@ -202,6 +266,28 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
     assert (Path(cfg.table("reports")) / f"ds={DAYS[-1]}.html").exists()
     for ds in DAYS:
         assert (Path(cfg.snapshots) / "fm" / f"ds={ds}" / "meta.json").exists(), ds
+
+    # The middle day ran again (every task of it, a new try), and left every table as it was:
+    # later days still match it, and nothing was appended twice.
+    def tries_of(tis: list[dict]) -> dict:
+        day = [ti for ti in tis if ti["logical_date"][:10] == DAYS[1]]
+        return {(ti["task_id"], ti["map_index"]): ti["try_number"] for ti in day}
+
+    before, again = tries_of(tis), tries_of(rerun_tis)
+    assert all(again[key] > tries for key, tries in before.items()), (before, again)
+    assert _tables(spark, cfg) == backfilled
+
+    # The same days one by one (the README's demo: dag.test() per day) give the same tables.
+    day_by_day = _write_config(tmp_path / "day_by_day")
+    done = subprocess.run(
+        [str(REPO / "exfm"), "demo", "--config", str(day_by_day), "--start", DAYS[0], "--days", "3"],
+        env={**env, "AIRFLOW_HOME": str(tmp_path / "day_by_day" / "airflow")},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    assert _tables(spark, load_config(day_by_day, env={})) == backfilled
 
 
 def test_compose_file_is_consistent():

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs import das, fm_dataset, generate, ingest, publishing, quality, snapshots, train_fm
+from jobs import das, ingest, publishing, quality, snapshots, train_fm
 from jobs.lakehouse import FM_DATASET, FM_POINTER, VM_TRAFFIC, VM_TRAINING, read_day
 from models.data import FeatureEncoder
-from tests.conftest import REPO, TINY, tiny_config
+from tests.conftest import REPO, TINY, land_days, tiny_config
 from tests.test_ingest import checksum
 
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
@@ -29,12 +29,7 @@ def world(spark, tmp_path_factory):
     """4 days of traffic and FM datasets; the FM trained and published through days 1-2."""
     root = tmp_path_factory.mktemp("das")
     cfg = tiny_config(root)
-    for day in DAYS:
-        generate.run(day, cfg)
-        ingest.run(day, cfg, spark)
-        quality.run(VM_TRAFFIC, day, cfg, spark)
-        fm_dataset.run(day, cfg, spark)
-        quality.run(FM_DATASET, day, cfg, spark)
+    land_days(DAYS, cfg, spark)
     for day in DAYS[:2]:
         assert train_fm.run(day, cfg, spark)["published"]["status"] == "blessed"
     publishing.update_pointer(cfg, spark)

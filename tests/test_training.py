@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import das, fm_dataset, generate, ingest, quality, snapshots, train_fm, train_vm
-from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING, read_day, replace_partition
+from jobs import das, quality, snapshots, train_fm, train_vm
+from jobs.lakehouse import FM_DATASET, VM_TRAINING, read_day, replace_partition
 from jobs.training import Progress, day_batches, day_ctr
-from tests.conftest import REPO, TINY, tiny_config
+from tests.conftest import REPO, TINY, land_days, tiny_config
 
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
 QUALITY = [
@@ -30,12 +30,7 @@ def world(spark, tmp_path_factory):
     """4 synthetic days through ingest and the FM dataset; the FM trained on days 1-3, DAS on 2-3."""
     root = tmp_path_factory.mktemp("training")
     cfg = tiny_config(root, *QUALITY)
-    for day in DAYS:
-        generate.run(day, cfg)
-        ingest.run(day, cfg, spark)
-        quality.run(VM_TRAFFIC, day, cfg, spark)
-        fm_dataset.run(day, cfg, spark)
-        quality.run(FM_DATASET, day, cfg, spark)
+    land_days(DAYS, cfg, spark)
     for day in DAYS[:3]:
         train_fm.run(day, cfg, spark)
     for day in DAYS[1:3]:  # the DAS: FM(day - 1) scores day
