@@ -126,6 +126,11 @@ def _component_logs(home: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(home.glob("*.log")))
 
 
+def _airflow_cli(env: dict, *args: str) -> None:
+    done = subprocess.run([str(REPO / "exfm"), "airflow", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def _wait_for_success(api: Api, home: Path, services: subprocess.Popen, deadline: float) -> tuple[list, list]:
     """Poll the REST API until every day's run succeeded; a task that failed for good fails the test."""
     while True:
@@ -211,31 +216,22 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
                 assert e.code == 404 and not errors and time.monotonic() < deadline, errors
                 time.sleep(2)
         api.call("PATCH", "/api/v2/dags/exfm_daily", {"is_paused": False})  # tasks of a paused DAG never run
-        backfill = subprocess.run(
-            [str(REPO / "exfm"), "airflow", "backfill", "create", "--dag-id", "exfm_daily"]
-            + ["--from-date", DAYS[0], "--to-date", DAYS[-1]]
+        _airflow_cli(
+            env,
+            *["backfill", "create", "--dag-id", "exfm_daily", "--from-date", DAYS[0], "--to-date", DAYS[-1]],
             # One day at a time: the FM chain and the DAS of day t need day t-1 done; a DAG with
             # depends_on_past must say what happens to days that already ran (here: none did).
-            + ["--max-active-runs", "1", "--reprocess-behavior", "completed"],
-            env=env,
-            capture_output=True,
-            text=True,
+            *["--max-active-runs", "1", "--reprocess-behavior", "completed"],
         )
-        assert backfill.returncode == 0, backfill.stdout + backfill.stderr
 
         runs, tis = _wait_for_success(api, home, services, deadline)
         print(f"backfill of {len(DAYS)} days:\n{_durations(tis)}")
         backfilled = _tables(spark, cfg)
 
         # Clear the middle day, as a user does after a bad run: the scheduler runs it again.
-        cleared = subprocess.run(
-            [str(REPO / "exfm"), "airflow", "tasks", "clear", "exfm_daily", "--yes"]
-            + ["--start-date", DAYS[1], "--end-date", DAYS[1]],
-            env=env,
-            capture_output=True,
-            text=True,
+        _airflow_cli(
+            env, "tasks", "clear", "exfm_daily", "--yes", "--start-date", DAYS[1], "--end-date", DAYS[1]
         )
-        assert cleared.returncode == 0, cleared.stdout + cleared.stderr
         _, rerun_tis = _wait_for_success(api, home, services, deadline)
         print(f"clear and re-run of {DAYS[1]}:\n{_durations(rerun_tis)}")
     finally:
