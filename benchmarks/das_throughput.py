@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import das, fm_dataset, generate, ingest, publishing, quality, snapshots, train_fm  # noqa: E402
 from jobs.config import load_config  # noqa: E402
-from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING, read_day, stream_ordered  # noqa: E402
+from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING, arrow_day  # noqa: E402
 from jobs.spark import build_spark  # noqa: E402
 
 
@@ -71,12 +71,8 @@ def main() -> None:
     model.load_state_dict(snap.state["model"])
     model.eval()
     encoder = FeatureEncoder.from_state(snap.meta["encoder"])
-    batches = list(
-        rebatch(
-            stream_ordered(read_day(spark, cfg, FM_DATASET, day2), ["request_id", *encoder.columns]),
-            cfg.das.batch_size,
-        )
-    )
+    with arrow_day(spark, cfg, FM_DATASET, day2, ["request_id", *encoder.columns]) as (_, day_rows):
+        batches = list(rebatch(day_rows, cfg.das.batch_size))
     n = sum(b.num_rows for b in batches)
     with torch.no_grad():
         t = time.perf_counter()

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import das, fm_dataset, generate, ingest, quality, snapshots, train_fm, train_vm  # noqa: E402
+from jobs import das, evaluate, fm_dataset, generate, ingest, quality, snapshots, train_fm, train_vm  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from jobs.lakehouse import FM_DATASET, VM_TRAFFIC, VM_TRAINING  # noqa: E402
 from jobs.spark import build_spark  # noqa: E402
@@ -71,11 +71,11 @@ def main() -> None:
                 rate = rows / (time.perf_counter() - t)
                 uri = snapshots.vm_uri(seeded, vm.name, method, days[-2])
                 ctr = snapshots.load(uri).meta["train_ctr"]
-                m = train_vm.evaluate_on_day(uri, days[-1], vm.name, seeded, spark, base_rate=ctr)
+                m = evaluate.score_snapshots([uri], days[-1], vm.name, seeded, spark, base_rate=ctr)[0]
                 ne[method].append(m["ne"])
                 other.setdefault(method, []).append((m["auc"], m["calibration"], rate, res["parameters"]))
                 if method == "none":
-                    f = train_vm.evaluate_on_day(fm_uri, days[-1], vm.name, cfg, spark, base_rate=ctr)
+                    f = evaluate.score_snapshots([fm_uri], days[-1], vm.name, cfg, spark, base_rate=ctr)[0]
                     ne["fm"].append(f["ne"])
                     other.setdefault("fm", []).append(
                         (f["auc"], f["calibration"], float("nan"), out["parameters"])

@@ -20,11 +20,11 @@ from jobs.lakehouse import (
     VM_EVAL,
     VM_SNAPSHOTS,
     VM_TRAFFIC,
+    arrow_day,
     quote,
     render_sql,
     table_version,
 )
-from jobs.train_vm import evaluate_on_day
 from jobs.training import day_ctr
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
             continue
         base_rate = day_ctr(spark, cfg, VM_TRAFFIC, model_day, vm.label, vm=vm.name)
         oracle = oracle_logloss(day, vm, cfg, spark)
-        for method, uri, teacher_id, teacher_ds in models[vm.name]:
-            m = evaluate_on_day(uri, day, vm.name, cfg, spark, base_rate=base_rate)
+        scored = score_snapshots(
+            [entry[1] for entry in models[vm.name]], day, vm.name, cfg, spark, base_rate=base_rate
+        )
+        for (method, uri, teacher_id, teacher_ds), m in zip(models[vm.name], scored, strict=True):
             staleness = None if teacher_ds is None else (model_day - dt.date.fromisoformat(teacher_ds)).days
             rows.append(
                 {
@@ -108,6 +110,53 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         "evaluated": sorted(f"{r['vm']}/{r['method']}" for r in rows),
         "not_started": not_started,
     }
+
+
+def score_snapshots(
+    snapshot_uris: list[str],
+    eval_ds: str | dt.date,
+    vm_name: str,
+    cfg: ExfmConfig,
+    spark,
+    *,
+    base_rate: float | None = None,
+) -> list[dict]:
+    """Metrics of each snapshot (FM or VM) on one VM's traffic of ``eval_ds``, in one read of the day.
+
+    Every model scores every batch of the one pass; the metrics are sums, so the rows need no
+    order. The FM is scored on the VM's own view of the rows (features the VM lacks are absent),
+    as the DAS would score them. NE is normalised by each snapshot's training CTR (paper §4.1.2)
+    unless ``base_rate`` is given, e.g. to compare models on one normaliser.
+    """
+    import numpy as np
+    import torch
+
+    from jobs import snapshots, train_fm, train_vm
+    from models.data import FeatureEncoder
+    from models.metrics import StreamingBinaryMetrics
+
+    day, vm = parse_ds(eval_ds), cfg.vm(vm_name)
+    judged = []  # (model, encoder, meta)
+    for uri in snapshot_uris:
+        snap = snapshots.load(uri)
+        model = (train_fm if snap.meta["kind"] == "fm" else train_vm).build_model(snap.meta["model_config"])
+        model.load_state_dict(snap.state["model"])
+        judged.append((model.eval(), FeatureEncoder.from_state(snap.meta["encoder"]), snap.meta))
+    columns = [*dict.fromkeys(c for _, enc, _ in judged for c in enc.columns), vm.label]
+    metrics = [StreamingBinaryMetrics() for _ in judged]
+    day_rows = arrow_day(spark, cfg, VM_TRAFFIC, day, columns, vm=vm.name, ordered=False, batch_rows=16_384)
+    with day_rows as (rows, batches), torch.no_grad():
+        if not rows:
+            raise ValueError(f"{VM_TRAFFIC} has no rows for ds={day}, vm={vm.name}")
+        for batch in batches:
+            y = torch.from_numpy(batch.column(vm.label).to_numpy().astype(np.float32))
+            for (model, encoder, _), m in zip(judged, metrics, strict=True):
+                cat, dense = encoder.encode(batch, update_stats=False)
+                m.update(p=torch.sigmoid(model(cat, dense)["logit"]), y=y)
+    return [
+        m.compute(train_base_rate=base_rate or meta["train_ctr"])
+        for m, (_, _, meta) in zip(metrics, judged, strict=True)
+    ]
 
 
 def oracle_logloss(day: dt.date, vm: VmSpec, cfg: ExfmConfig, spark) -> float | None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Iterator
+import uuid
 from pathlib import Path
 from string import Template
 
@@ -103,28 +104,166 @@ def table_version(spark, cfg: ExfmConfig, table: str) -> int | None:
     return DeltaTable.forPath(spark, path).history(1).first()["version"]
 
 
-def stream_ordered(df, columns: list[str], batch_rows: int = 8192) -> Iterator:
-    """The rows of a DataFrame in arrival order (event_ts, request_id), as Arrow record batches.
+ARRIVAL = ("event_ts", "request_id")  # the order training reads a day in; request_id breaks ties
+SCRATCH = "_scratch"  # Parquet that Spark writes for a Python reader (lakehouse_root/_scratch/<uuid>)
+_DIRECT_UNSAFE = ("delta.enableDeletionVectors", "delta.columnMapping.mode")  # files alone would lie
 
-    Spark sorts (a range shuffle, any size) and hands the driver one partition at a time as
-    Arrow IPC blobs of at most ``batch_rows`` rows, so the consumer never holds a whole day.
-    The order comes from the sort, not from the file layout, so it is the same for tables
-    written by replaceWhere or by MERGE, and on every re-run (request_id breaks ties).
+
+@contextlib.contextmanager
+def arrow_day(
+    spark,
+    cfg: ExfmConfig,
+    table: str,
+    ds: dt.date,
+    columns: list[str],
+    *,
+    vm: str | None = None,
+    ordered: bool = True,
+    batch_rows: int = 65_536,
+):
+    """One day of a Delta table for a Python consumer, Arrow all the way: yields ``(rows, batches())``.
+
+    The day's files of the table's current version (``inputFiles()``, partition-pruned) are
+    read with pyarrow, ``batch_rows`` at a time, so the consumer holds one batch and never a
+    day, and no row is pickled or goes through a Spark job. ``ordered``: in arrival order
+    (event_ts, request_id). The writers lay a day out that way (``replace_partition``), which a
+    pass over the key columns verifies; any other layout is sorted by Spark first
+    (``spark_to_arrow``), so the batches are the same whatever the file layout. ``rows`` (before
+    any filtering by the consumer) comes from the files' footers. Every batch has the schema of
+    ``columns`` (those the table has): a column missing from older files reads as nulls.
     """
     import pyarrow as pa
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import to_arrow_type
 
-    def to_ipc(batches):
-        for rb in batches:
-            for start in range(0, rb.num_rows, batch_rows):
-                sink = pa.BufferOutputStream()
-                with pa.ipc.new_stream(sink, rb.schema) as writer:
-                    writer.write_batch(rb.slice(start, batch_rows))
-                yield pa.RecordBatch.from_pydict({"ipc": [sink.getvalue().to_pybytes()]})
+    df = read_day(spark, cfg, table, ds)
+    if vm is not None:
+        df = df.where(F.col("vm") == vm)
+    wanted = [c for c in dict.fromkeys([*columns, *(ARRIVAL if ordered else ())]) if c in df.columns]
+    files = _direct_files(spark, cfg, table, df, ordered)
+    if files is None:
+        log.info(
+            "%s ds=%s%s: files not in arrival order, Spark sorts the day",
+            table,
+            ds,
+            f" vm={vm}" if vm else "",
+        )
+        out = df.select(*wanted)
+        with spark_to_arrow(out, cfg, order_by=ARRIVAL if ordered else (), batch_rows=batch_rows) as day:
+            yield day
+        return
+    schema = pa.schema([(c, to_arrow_type(df.schema[c].dataType, timezone="UTC")) for c in wanted])
+    readers = [_parquet(f) for f in files]
 
-    ordered = df.orderBy("event_ts", "request_id").select(*[c for c in columns if c in df.columns])
-    ordered = ordered.mapInArrow(to_ipc, "ipc binary")
-    for row in ordered.toLocalIterator(prefetchPartitions=True):
-        yield from pa.ipc.open_stream(row.ipc)
+    def batches():
+        for reader in readers:
+            have = [c for c in wanted if c in reader.schema_arrow.names]
+            for rb in reader.iter_batches(batch_size=batch_rows, columns=have):
+                arrays = [
+                    rb.column(c) if c in have else pa.nulls(rb.num_rows, schema.field(c).type) for c in wanted
+                ]
+                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    yield sum(r.metadata.num_rows for r in readers), batches()
+
+
+def _parquet(uri: str):
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri.removeprefix("file:"))
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+def _direct_files(spark, cfg: ExfmConfig, table: str, df, ordered: bool) -> list[str] | None:
+    """The day's files, in arrival order if ``ordered``; None when reading the files alone is wrong."""
+    properties = dict(spark.sql(f"SHOW TBLPROPERTIES {table_ref(cfg, table)}").collect())  # metadata, no job
+    if any(properties.get(k, "false") not in ("false", "none") for k in _DIRECT_UNSAFE):
+        return None  # deletion vectors or column mapping: only Delta's reader applies them
+    files = sorted(df.inputFiles())
+    if not ordered:
+        return files
+    spans = []  # (first key, last key, file) of each non-empty file
+    for f in files:
+        span = _sorted_span(f)
+        if span is False:
+            return None
+        if span is not None:
+            spans.append((*span, f))
+    spans.sort()
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        return None  # files overlap in time: only a sort gives arrival order
+    return [f for *_, f in spans]
+
+
+def _sorted_span(uri: str):
+    """(first, last) arrival key of a file sorted by it; None if it is empty, False if not sorted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    first = last = None
+    for rb in _parquet(uri).iter_batches(batch_size=262_144, columns=list(ARRIVAL)):
+        if not rb.num_rows:
+            continue
+        ts, rid = rb.column(0).cast(pa.int64()), rb.column(1)
+        if last is not None and (ts[0].as_py(), rid[0].as_py()) < last:
+            return False
+        head, tail = slice(0, rb.num_rows - 1), slice(1, rb.num_rows)
+        later = pc.greater(ts[tail], ts[head])
+        tie = pc.and_(pc.equal(ts[tail], ts[head]), pc.greater_equal(rid[tail], rid[head]))
+        if pc.all(pc.or_(later, tie)).as_py() is False:
+            return False
+        first = first or (ts[0].as_py(), rid[0].as_py())
+        last = (ts[-1].as_py(), rid[-1].as_py())
+    return None if first is None else (first, last)
+
+
+@contextlib.contextmanager
+def spark_to_arrow(df, cfg: ExfmConfig, *, order_by: tuple[str, ...] = (), batch_rows: int = 65_536):
+    """A DataFrame's rows for a Python consumer, Arrow all the way: yields ``(rows, batches())``.
+
+    Spark computes the DataFrame (sorted by ``order_by``: a range shuffle, any size) and writes
+    it as Parquet under ``<lakehouse_root>/_scratch/<uuid>``; ``batches()`` reads those files back
+    in Spark's partition order with pyarrow, ``batch_rows`` at a time, so the consumer holds one
+    batch, never a day, and no row is ever pickled. The order comes from the sort, not from the
+    table's file layout, so it is the same for tables written by replaceWhere or MERGE and on
+    every re-run. ``rows`` comes from the files' footers (no extra Spark job). The scratch
+    directory is deleted on exit, also on error.
+    """
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    uri = f"{cfg.table(SCRATCH)}/{uuid.uuid4().hex}"
+    fs, path = filesystem(uri)
+    try:
+        # Small row groups: pyarrow decodes one row group at a time, so they bound the reader's memory.
+        (df.orderBy(*order_by) if order_by else df).write.option("parquet.block.size", str(8 << 20)).parquet(
+            uri
+        )
+        # part-<partition>-<job>-c<file>.parquet: name order is partition order, i.e. sort order.
+        files = sorted(
+            info.path
+            for info in fs.get_file_info(pafs.FileSelector(path))
+            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+        )
+        readers = [pq.ParquetFile(fs.open_input_file(f)) for f in files]
+
+        def batches():
+            for reader in readers:
+                yield from reader.iter_batches(batch_size=batch_rows)
+
+        yield sum(r.metadata.num_rows for r in readers), batches()
+    finally:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path) of a local path or a URI (s3a:// is read as s3://)."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), uri
+    return fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
 
 
 def delta_conflicts() -> tuple[type[Exception], ...]:

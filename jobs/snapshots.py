@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 from jobs.config import ExfmConfig
+from jobs.lakehouse import filesystem as _fs
 
 META = "meta.json"
 
@@ -114,11 +115,3 @@ def trained_days(parent_uri: str) -> list[dt.date]:
         if info.base_name.startswith("ds=") and exists(f"{parent_uri}/{info.base_name}"):
             days.append(dt.date.fromisoformat(info.base_name[3:]))
     return sorted(days)
-
-
-def _fs(uri: str):
-    from pyarrow import fs
-
-    if "://" not in uri:
-        return fs.LocalFileSystem(), uri
-    return fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))

@@ -12,7 +12,7 @@ import datetime as dt
 from jobs import publishing, snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import FM_DATASET
-from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, save_day
+from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, resume, save_day
 
 ID_FEATURES = ("user_id", "ad_id")  # contract columns every VM carries, embedded like features
 
@@ -35,31 +35,28 @@ def build_model(model_config: dict):
 
 
 def start(cfg: ExfmConfig, prev_uri: str | None, prior_ctr: float | None = None):
-    """(model, optimizer, encoder, model_config): fresh and seeded, or restored from a snapshot."""
+    """(model, optimizer, encoder, model_config): fresh and seeded, or continued from a snapshot
+    with today's learning rates (an architecture change is refused, see ``resume``)."""
     import torch
 
-    from models.data import FeatureEncoder
+    from models.optim import OptimConfig, SplitOptimizer
 
     torch.manual_seed(cfg.seeds.train)
-    if prev_uri is None:
-        encoder = new_encoder(cfg)
-        model_config = {
-            "arch": cfg.fm.arch,
-            "n_categorical": len(encoder.categorical),
-            "n_dense": encoder.n_dense_inputs,
-            "buckets": cfg.fm.buckets,
-            "embed_dim": cfg.fm.embed_dim,
-            "cross_layers": cfg.fm.cross_layers,
-            "mlp_dims": list(cfg.fm.mlp_dims),
-            "prior_ctr": prior_ctr,
-        }
-    else:
-        prev = snapshots.load(prev_uri)
-        encoder = FeatureEncoder.from_state(prev.meta["encoder"])
-        model_config = prev.meta["model_config"]
+    encoder = new_encoder(cfg)
+    model_config = {
+        "arch": cfg.fm.arch,
+        "n_categorical": len(encoder.categorical),
+        "n_dense": encoder.n_dense_inputs,
+        "buckets": cfg.fm.buckets,
+        "embed_dim": cfg.fm.embed_dim,
+        "cross_layers": cfg.fm.cross_layers,
+        "mlp_dims": list(cfg.fm.mlp_dims),
+        "prior_ctr": prior_ctr,
+    }
+    model_config, encoder, prev = resume(prev_uri, model_config, encoder)
     model = build_model(model_config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.fm.lr)
-    if prev_uri is not None:
+    optimizer = SplitOptimizer(model, OptimConfig(lr=cfg.fm.lr, embedding_lr=cfg.fm.embedding_lr))
+    if prev is not None:
         model.load_state_dict(prev.state["model"])
         optimizer.load_state_dict(prev.state["optimizer"])
     return model, optimizer, encoder, model_config
@@ -72,7 +69,7 @@ def fit_day(model, optimizer, batches, progress: Progress) -> float:
     clicks = 0.0
     for batch in batches:
         loss = F.binary_cross_entropy_with_logits(model(batch.categorical, batch.dense)["logit"], batch.label)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         clicks += float(batch.label.sum())

@@ -24,7 +24,7 @@ from jobs.lakehouse import (
     table_version,
 )
 from jobs.train_fm import ID_FEATURES
-from jobs.training import Progress, config_args, day_batches, day_ctr, evaluate, previous_snapshot, save_day
+from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, resume, save_day
 
 TEACHER = "teacher_score"  # FM probability appended by the DAS (DESIGN.md §2)
 
@@ -35,14 +35,88 @@ def build_model(model_config: dict):
     return VerticalModel(VMConfig(**config_args(model_config)))
 
 
-def run(
-    ds: str | dt.date, vm_name: str, cfg: ExfmConfig, spark, *, method: str | None = None, fresh: bool = False
-) -> dict:
+def start(cfg: ExfmConfig, vm, method: str, prev_uri: str | None, prior_ctr: float | None):
+    """(model, optimizer, adapter, adapter_optimizer, encoder, model_config) of a day: fresh and
+    seeded, or continued from a snapshot with today's lr and beta (see ``resume``)."""
     import torch
 
     from models.data import FeatureEncoder
     from models.heads import AdapterConfig, StudentAdapter
-    from models.losses import METHODS, DistillConfig, adapter_loss, vm_loss
+    from models.optim import OptimConfig, SplitOptimizer
+
+    t = cfg.vm_training
+    torch.manual_seed(cfg.seeds.train)
+    encoder = FeatureEncoder(
+        categorical=(*ID_FEATURES, *vm.categorical), dense=vm.dense, buckets=t.buckets, seed=cfg.seeds.train
+    )
+    model_config = {
+        "arch": vm.model,
+        "n_categorical": len(encoder.categorical),
+        "n_dense": encoder.n_dense_inputs,
+        "buckets": t.buckets,
+        "embed_dim": t.embed_dim,
+        "mlp_dims": list(t.mlp_dims),
+        "head_dims": list(t.head_dims),
+        "beta": t.beta,
+        "sa_head": method == "ah_sa",
+        "prior_ctr": prior_ctr,
+    }
+    # GS's beta may change from one day to the next; w and alpha are read from t below.
+    model_config, encoder, prev = resume(prev_uri, model_config, encoder, mutable=("beta",))
+    model = build_model(model_config)
+    optimizer = SplitOptimizer(model, OptimConfig(lr=t.lr, embedding_lr=t.embedding_lr))
+    adapter = adapter_optimizer = None
+    if method == "ah_sa":
+        adapter = StudentAdapter(AdapterConfig(hidden=t.adapter_hidden))
+        adapter_optimizer = SplitOptimizer(adapter, OptimConfig(lr=t.adapter_lr, embedding_lr=t.embedding_lr))
+    if prev is not None:
+        model.load_state_dict(prev.state["model"])
+        optimizer.load_state_dict(prev.state["optimizer"])
+        if adapter is not None:
+            adapter.load_state_dict(prev.state["adapter"])
+            adapter_optimizer.load_state_dict(prev.state["adapter_optimizer"])
+    return model, optimizer, adapter, adapter_optimizer, encoder, model_config
+
+
+def fit_day(
+    model, optimizer, distill, batches, progress: Progress, adapter=None, adapter_optimizer=None
+) -> float:
+    """One pass of a VM over the batches by Algorithm 1 (one step each); returns the clicks seen.
+
+    The Student Adapter steps first on the label (Eq 6) when there is one and the day has teacher
+    scores; the VM then steps on its method's loss against the adapter's stop-gradiented output.
+    """
+    import torch
+
+    from models.losses import adapter_loss, vm_loss
+
+    clicks = 0.0
+    use_adapter = adapter is not None and distill.method != "none"
+    for batch in batches:
+        adapter_prob = None
+        if use_adapter:  # Algorithm 1 step 1: the adapter on the label (Eq 6)
+            loss_sa = adapter_loss(adapter(batch.teacher), batch.label)
+            adapter_optimizer.zero_grad()
+            loss_sa.backward()
+            adapter_optimizer.step()
+            with torch.no_grad():  # step 2: SG(y_SA)
+                adapter_prob = torch.sigmoid(adapter(batch.teacher))
+        losses = vm_loss(
+            model(batch.categorical, batch.dense), batch.label, batch.teacher, distill, adapter_prob
+        )
+        optimizer.zero_grad()  # step 3: Eq 5 (+ Eq 7) updates the VM
+        losses["loss"].backward()
+        optimizer.step()
+        clicks += float(batch.label.sum())
+        progress.update(batch.size, losses["loss"].item())
+    progress.close()
+    return clicks
+
+
+def run(
+    ds: str | dt.date, vm_name: str, cfg: ExfmConfig, spark, *, method: str | None = None, fresh: bool = False
+) -> dict:
+    from models.losses import METHODS, DistillConfig
 
     day = parse_ds(ds)
     vm = cfg.vm(vm_name)
@@ -56,49 +130,16 @@ def run(
     cold_start = teacher is None
     table = VM_TRAFFIC if cold_start else VM_TRAINING
 
-    torch.manual_seed(cfg.seeds.train)
-    if prev_uri is None:
-        encoder = FeatureEncoder(
-            categorical=(*ID_FEATURES, *vm.categorical),
-            dense=vm.dense,
-            buckets=t.buckets,
-            seed=cfg.seeds.train,
-        )
-        model_config = {
-            "arch": vm.model,
-            "n_categorical": len(encoder.categorical),
-            "n_dense": encoder.n_dense_inputs,
-            "buckets": t.buckets,
-            "embed_dim": t.embed_dim,
-            "mlp_dims": list(t.mlp_dims),
-            "head_dims": list(t.head_dims),
-            "beta": t.beta,
-            "sa_head": method == "ah_sa",
-            "prior_ctr": day_ctr(spark, cfg, table, day, vm.label, vm=vm.name),
-        }
-    else:
-        prev = snapshots.load(prev_uri)
-        encoder = FeatureEncoder.from_state(prev.meta["encoder"])
-        model_config = prev.meta["model_config"]
-    model = build_model(model_config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
-    adapter = adapter_optimizer = None
-    if method == "ah_sa":
-        adapter = StudentAdapter(AdapterConfig(hidden=t.adapter_hidden))
-        adapter_optimizer = torch.optim.Adam(adapter.parameters(), lr=t.adapter_lr)
-    if prev_uri is not None:
-        model.load_state_dict(prev.state["model"])
-        optimizer.load_state_dict(prev.state["optimizer"])
-        if adapter is not None:
-            adapter.load_state_dict(prev.state["adapter"])
-            adapter_optimizer.load_state_dict(prev.state["adapter_optimizer"])
+    prior = None if prev_uri else day_ctr(spark, cfg, table, day, vm.label, vm=vm.name)
+    model, optimizer, adapter, adapter_optimizer, encoder, model_config = start(
+        cfg, vm, method, prev_uri, prior
+    )
     # Cold start (no FM yet): the labels alone, whatever the method; its heads start learning
     # from the teacher on the first day that has teacher scores.
     distill = DistillConfig(method="none" if cold_start else method, w=t.w, alpha=t.alpha)
     progress = Progress(f"train-vm {vm.name}/{method} ds={day}" + (" (cold start)" if cold_start else ""))
-    clicks = 0.0
     teacher_col = None if distill.method == "none" else TEACHER  # `none` never reads teacher scores
-    for batch in day_batches(
+    batches = day_batches(
         spark,
         cfg,
         table,
@@ -109,24 +150,8 @@ def run(
         vm=vm.name,
         teacher=teacher_col,
         update_stats=True,
-    ):
-        adapter_prob = None
-        if adapter is not None and not cold_start:  # Algorithm 1 step 1: the adapter on the label (Eq 6)
-            loss_sa = adapter_loss(adapter(batch.teacher), batch.label)
-            adapter_optimizer.zero_grad(set_to_none=True)
-            loss_sa.backward()
-            adapter_optimizer.step()
-            with torch.no_grad():  # step 2: SG(y_SA)
-                adapter_prob = torch.sigmoid(adapter(batch.teacher))
-        losses = vm_loss(
-            model(batch.categorical, batch.dense), batch.label, batch.teacher, distill, adapter_prob
-        )
-        optimizer.zero_grad(set_to_none=True)  # step 3: Eq 5 (+ Eq 7) updates the VM
-        losses["loss"].backward()
-        optimizer.step()
-        clicks += float(batch.label.sum())
-        progress.update(batch.size, losses["loss"].item())
-    progress.close()
+    )
+    clicks = fit_day(model, optimizer, distill, batches, progress, adapter, adapter_optimizer)
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     if adapter is not None:
@@ -135,7 +160,15 @@ def run(
     lineage = dict.fromkeys(("teacher_snapshot_id", "teacher_trained_through_ds"))
     if teacher is not None and method != "none":
         lineage = teacher
-    hyper = {"w": t.w, "alpha": t.alpha, "beta": t.beta, "lr": t.lr, "batch_size": t.batch_size}
+    hyper = {
+        "w": t.w,
+        "alpha": t.alpha,
+        "beta": model_config["beta"],
+        "lr": t.lr,
+        "embedding_lr": t.embedding_lr,
+        "adapter_lr": t.adapter_lr,
+        "batch_size": t.batch_size,
+    }
     saved = save_day(
         uri,
         state,
@@ -201,33 +234,3 @@ def day_teacher(day: dt.date, vm: str, cfg: ExfmConfig, spark) -> dict | None:
             f"vm_training has no rows for ds={day}, vm={vm}: run `exfm das-score --ds {day}` first"
         )
     return None
-
-
-def evaluate_on_day(
-    snapshot_uri: str,
-    eval_ds: str | dt.date,
-    vm_name: str,
-    cfg: ExfmConfig,
-    spark,
-    *,
-    base_rate: float | None = None,
-) -> dict:
-    """Metrics of a snapshot (FM or VM) on one VM's traffic of ``eval_ds`` (the next day).
-
-    The FM is scored on the VM's own view of the rows (features the VM lacks are absent), as
-    the DAS would score them. NE is normalised by the snapshot's training CTR (paper §4.1.2)
-    unless ``base_rate`` is given, e.g. to compare models on one normaliser.
-    """
-    from jobs import train_fm
-    from models.data import FeatureEncoder
-
-    snap = snapshots.load(snapshot_uri)
-    build = train_fm.build_model if snap.meta["kind"] == "fm" else build_model
-    model = build(snap.meta["model_config"])
-    model.load_state_dict(snap.state["model"])
-    encoder = FeatureEncoder.from_state(snap.meta["encoder"])
-    vm = cfg.vm(vm_name)
-    batches = day_batches(
-        spark, cfg, VM_TRAFFIC, parse_ds(eval_ds), encoder, label=vm.label, batch_size=4096, vm=vm.name
-    )
-    return evaluate(model, batches, train_base_rate=base_rate or snap.meta["train_ctr"])

@@ -11,8 +11,8 @@ from typing import Literal
 
 from jobs import snapshots
 from jobs.config import ExfmConfig
-from jobs.lakehouse import read_day, stream_ordered
-from models.data import Batch, FeatureEncoder, stream_batches
+from jobs.lakehouse import arrow_day, read_day
+from models.data import Batch, FeatureEncoder, prefetch, stream_batches
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,37 @@ def previous_snapshot(parent_uri: str, day: dt.date, fresh: bool) -> str | None:
     return None
 
 
+def resume(
+    prev_uri: str | None, model_config: dict, encoder: FeatureEncoder, *, mutable: tuple[str, ...] = ()
+) -> tuple[dict, FeatureEncoder, snapshots.Snapshot | None]:
+    """(model config, encoder, snapshot) a day starts from; the snapshot is None on a fresh start.
+
+    ``model_config`` and ``encoder`` are what today's config asks for. A continued day keeps
+    the snapshot's encoder (its dense statistics) and architecture, and takes today's value of
+    every ``mutable`` hyper-parameter; any other difference is an error, because the saved
+    weights and optimizer state only fit the architecture they were trained with.
+    """
+    if prev_uri is None:
+        return model_config, encoder, None
+    prev = snapshots.load(prev_uri)
+    saved_encoder = FeatureEncoder.from_state(prev.meta["encoder"])
+    wanted = {f"encoder.{k}": getattr(encoder, k) for k in ("categorical", "dense", "buckets", "seed")}
+    have = {f"encoder.{k}": getattr(saved_encoder, k) for k in ("categorical", "dense", "buckets", "seed")}
+    wanted |= {k: v for k, v in model_config.items() if k not in mutable and k != "prior_ctr"}
+    have |= {k: prev.meta["model_config"].get(k) for k in wanted if not k.startswith("encoder.")}
+    for key, value in wanted.items():
+        if _plain(have[key]) != _plain(value):
+            raise ValueError(
+                f"{key} is {_plain(value)} in the config but {_plain(have[key])} in the snapshot this day "
+                f"continues ({prev_uri}): an architecture change needs a new chain, run with --fresh"
+            )
+    return prev.meta["model_config"] | {k: model_config[k] for k in mutable}, saved_encoder, prev
+
+
+def _plain(value):
+    return list(value) if isinstance(value, list | tuple) else value
+
+
 def day_batches(
     spark,
     cfg: ExfmConfig,
@@ -56,37 +87,39 @@ def day_batches(
 
     ``holdout`` drops (or keeps only) the blessing holdout slice of the day (see ``in_holdout``).
     """
-    from pyspark.sql import functions as F
+    import pyarrow as pa
 
-    df = read_day(spark, cfg, table, day)
-    if vm is not None:
-        df = df.where(F.col("vm") == vm)
-    if holdout is not None:
-        df = df.where(in_holdout(cfg) if holdout == "only" else ~in_holdout(cfg))
-    if df.isEmpty():
-        raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm}" if vm else ""))
-    columns = [*encoder.columns, label, *([teacher] if teacher else [])]
-    return stream_batches(
-        stream_ordered(df, columns),
-        encoder,
-        label=label,
-        batch_size=batch_size,
-        teacher=teacher,
-        update_stats=update_stats,
-    )
+    extra = [label, *([teacher] if teacher else [])]
+    columns = [*encoder.columns, *extra, *(["request_id"] if holdout else [])]
+    with arrow_day(spark, cfg, table, day, columns, vm=vm) as (rows, batches):
+        if holdout is not None:
+            keep = holdout == "only"
+            batches = (
+                rb.filter(pa.array(in_holdout(rb.column("request_id"), cfg) == keep)) for rb in batches
+            )
+        n = 0
+        encoded = stream_batches(
+            batches, encoder, label=label, batch_size=batch_size, teacher=teacher, update_stats=update_stats
+        )
+        for batch in prefetch(encoded):
+            n += batch.size
+            yield batch
+        if not n:
+            where = (f", vm={vm}" if vm else "") + (f" ({holdout} holdout)" if holdout else "")
+            raise ValueError(f"{table} has no rows for ds={day}{where}")
 
 
-def in_holdout(cfg: ExfmConfig):
-    """Spark predicate: the request is in the FM's blessing holdout (a seeded hash of request_id).
+def in_holdout(request_ids, cfg: ExfmConfig):
+    """Whether each request is in the FM's blessing holdout (a seeded hash of request_id), as numpy bools.
 
     A request is in or out on every day and in every table, so the FM never trains on the rows
     its snapshot is blessed on.
     """
-    from pyspark.sql import functions as F
+    from models.data import hash_strings
 
     buckets = 10_000
     share = round(cfg.das.blessing.holdout_fraction * buckets)
-    return F.pmod(F.xxhash64("request_id", F.lit(cfg.seeds.train)), F.lit(buckets)) < share
+    return hash_strings(request_ids, cfg.seeds.train) % buckets < share
 
 
 def config_args(model_config: dict) -> dict:

@@ -1,7 +1,8 @@
 """Feature encoding and streaming batches, shared by the FM and the VMs.
 
 No file layout here: batches come from any iterator of Arrow record batches (the jobs feed it
-the files of one Delta day, in arrival order), so memory holds one batch, never a day.
+one Delta day, in arrival order), so memory holds one batch, never a day. Encoding is
+vectorised over the batch's Arrow columns: no Python work per value.
 """
 
 from __future__ import annotations
@@ -10,20 +11,81 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-MISSING = 0  # bucket of a null categorical value; real values hash into [1, buckets)
+MISSING = 0  # bucket of a null or absent categorical value; real values hash into [1, buckets)
+HASHING = "poly64-splitmix"  # the id -> bucket rule of hash_strings; every snapshot records it
+_P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial hash (FNV's 64-bit prime)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit reaches every output bit (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_strings(values: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """Seeded 64-bit hash (uint64) of each value's UTF-8 text; a null's hash is meaningless (mask it).
+
+    ``h(s) = splitmix64(Σ_j s[j]·P^j + len(s)·P^len(s) + splitmix64(seed))`` over the bytes s[j],
+    computed on Arrow's offset and data buffers with numpy: no Python work per value. The same
+    text gives the same hash on every day, batch, process and machine.
+    """
+    values = pa.concat_arrays([_strings(values)])  # a slice's buffers start at its own first value
+    _, offsets_buf, data_buf = values.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[: len(values) + 1].astype(np.int64)
+    data = (
+        np.frombuffer(data_buf, dtype=np.uint8)[: offsets[-1]]
+        if data_buf is not None
+        else np.zeros(0, np.uint8)
+    )
+    lengths = np.diff(offsets)  # (N,)
+    position = np.arange(len(data), dtype=np.int64) - np.repeat(
+        offsets[:-1], lengths
+    )  # byte index in its string
+    powers = _powers(int(lengths.max(initial=0)) + 1)
+    with np.errstate(over="ignore"):
+        terms = data.astype(np.uint64) * powers[position]  # (bytes,)
+        sums = np.zeros(len(values), dtype=np.uint64)
+        nonempty = lengths > 0
+        if nonempty.any():
+            sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+        sums += lengths.astype(np.uint64) * powers[lengths]
+        return _splitmix64(sums + _splitmix64(np.array([seed], dtype=np.uint64)))
+
+
+def _strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One string array; ids logged as numbers hash as their text."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values if pa.types.is_string(values.type) else pc.cast(values, pa.string())
+
+
+_POWERS = np.ones(1, dtype=np.uint64)
+
+
+def _powers(n: int) -> np.ndarray:
+    """P^0 .. P^(n-1) modulo 2^64, grown on demand and kept."""
+    global _POWERS
+    if len(_POWERS) < n:
+        with np.errstate(over="ignore"):
+            _POWERS = np.cumprod(
+                np.concatenate([[1], np.full(max(n, 2 * len(_POWERS)) - 1, _P)]).astype(np.uint64)
+            )
+    return _POWERS
 
 
 @dataclass
 class FeatureEncoder:
     """Categorical ids -> hashed buckets, dense values -> normalised value + presence mask.
 
-    - Hashing is SipHash keyed by the seed (``pandas.util.hash_array``): stable across
-      processes and machines, and an id never seen before (new users and ads every day)
-      simply lands in a bucket; no vocabulary to grow.
+    - Bucket of a categorical value ``v``: ``1 + hash_strings(v, seed) mod (buckets - 1)``, or
+      ``MISSING`` for a null or a feature the rows lack: stable across days, processes and
+      machines, and an id never seen before (new users and ads every day) simply lands in a
+      bucket; no vocabulary to grow.
     - Dense values are compressed with sign(x)·log1p(|x|), then standardised with running
       statistics (Welford) that training updates batch by batch and a snapshot saves, so a
       model continued the next day keeps its input scale. A null becomes 0 with mask 0.
@@ -33,6 +95,7 @@ class FeatureEncoder:
     dense: tuple[str, ...]
     buckets: int = 2**14
     seed: int = 0
+    hashing: str = HASHING
     count: list[float] = field(default_factory=list)  # per dense feature: values seen
     mean: list[float] = field(default_factory=list)
     m2: list[float] = field(default_factory=list)  # sum of squared deviations
@@ -40,6 +103,7 @@ class FeatureEncoder:
     def __post_init__(self) -> None:
         self.categorical, self.dense = tuple(self.categorical), tuple(self.dense)
         assert self.buckets >= 2, f"need at least one bucket besides MISSING, got {self.buckets}"
+        assert self.hashing == HASHING, f"ids hashed by {self.hashing!r}, this code hashes by {HASHING!r}"
         n = len(self.dense)
         self.count = list(self.count) or [0.0] * n
         self.mean = list(self.mean) or [0.0] * n
@@ -59,57 +123,66 @@ class FeatureEncoder:
 
     @classmethod
     def from_state(cls, state: dict) -> FeatureEncoder:
+        if state.get("hashing") != HASHING:
+            raise ValueError(
+                f"the snapshot's ids were hashed by {state.get('hashing', 'SipHash')}, today's by {HASHING}: "
+                "its embedding rows do not match today's buckets; start a new chain with --fresh"
+            )
         return cls(**state)
-
-    def _hash_key(self) -> str:
-        return f"exfm{self.seed:012d}"[-16:]  # SipHash takes a 16-character key
 
     def encode(
         self, batch: pa.RecordBatch | pa.Table, *, update_stats: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(categorical (B, F) long, dense (B, 2·D) float) of a batch; absent columns count as null."""
         n = batch.num_rows
-        cat = np.zeros((n, len(self.categorical)), dtype=np.int64)  # (B, F)
-        for j, name in enumerate(self.categorical):
-            values = _column(batch, name)
-            if values is None:
-                continue
-            present = values.notna().to_numpy()
-            hashed = pd.util.hash_array(values.astype(str).to_numpy(dtype=object), hash_key=self._hash_key())
-            cat[:, j] = np.where(
-                present, 1 + (hashed % np.uint64(self.buckets - 1)).astype(np.int64), MISSING
-            )
+        cat = np.full((n, len(self.categorical)), MISSING, dtype=np.int64)  # (B, F)
+        present = [j for j, name in enumerate(self.categorical) if name in batch.schema.names]
+        if present and n:
+            # One hash call for every field of the batch: the per-call overhead is paid once.
+            values = pa.concat_arrays(
+                [_strings(batch.column(self.categorical[j])) for j in present]
+            )  # (F'·B,)
+            hashed = hash_strings(values, self.seed).reshape(len(present), n).T  # (B, F')
+            buckets = 1 + (hashed % np.uint64(self.buckets - 1)).astype(np.int64)
+            null = values.is_null().to_numpy(zero_copy_only=False).reshape(len(present), n).T
+            cat[:, present] = np.where(null, MISSING, buckets)
 
-        dense = np.zeros((n, self.n_dense_inputs), dtype=np.float32)  # (B, 2D)
+        x = np.full((n, len(self.dense)), np.nan)  # (B, D) raw values, NaN = null
         for j, name in enumerate(self.dense):
-            values = _column(batch, name)
-            if values is None:
-                continue
-            x = values.to_numpy(dtype=np.float64, na_value=np.nan)
-            x = np.sign(x) * np.log1p(np.abs(x))
-            present = np.isfinite(x)
-            if update_stats and present.any():
-                self._update(j, x[present])
-            std = np.sqrt(self.m2[j] / self.count[j]) if self.count[j] > 1 else 1.0
-            z = (x - self.mean[j]) / max(std, 1e-6)
-            dense[:, 2 * j] = np.where(present, z, 0.0)
-            dense[:, 2 * j + 1] = present
+            if name in batch.schema.names:
+                x[:, j] = _numpy(batch, name, np.float64)
+        x = np.sign(x) * np.log1p(np.abs(x))
+        present = np.isfinite(x)  # (B, D)
+        if update_stats and n:
+            self._update(x, present)
+        count = np.array(self.count)
+        std = np.sqrt(np.divide(self.m2, count, out=np.ones_like(count), where=count > 1))
+        z = (x - np.array(self.mean)) / np.maximum(std, 1e-6)  # (B, D)
+        dense = np.empty((n, self.n_dense_inputs), dtype=np.float32)  # (B, 2D): value, mask per feature
+        dense[:, 0::2] = np.where(present, z, 0.0)
+        dense[:, 1::2] = present
         return torch.from_numpy(cat), torch.from_numpy(dense)
 
-    def _update(self, j: int, x: np.ndarray) -> None:
-        """Chan et al.'s parallel Welford merge of a batch into the running stats."""
-        n_b, mean_b, m2_b = float(x.size), float(x.mean()), float(((x - x.mean()) ** 2).sum())
-        n_a, mean_a = self.count[j], self.mean[j]
-        n = n_a + n_b
+    def _update(self, x: np.ndarray, present: np.ndarray) -> None:
+        """Chan et al.'s parallel Welford merge of a batch into the running stats, all features at once."""
+        n_b = present.sum(axis=0).astype(np.float64)  # (D,)
+        seen = n_b > 0
+        mean_b = np.divide(np.where(present, x, 0.0).sum(axis=0), n_b, out=np.zeros_like(n_b), where=seen)
+        m2_b = np.where(present, (x - mean_b) ** 2, 0.0).sum(axis=0)
+        n_a, mean_a, m2_a = np.array(self.count), np.array(self.mean), np.array(self.m2)
+        n = np.where(seen, n_a + n_b, 1.0)  # 1.0 only where nothing changes, to divide safely
         delta = mean_b - mean_a
-        self.mean[j] = mean_a + delta * n_b / n
-        self.m2[j] = self.m2[j] + m2_b + delta**2 * n_a * n_b / n
-        self.count[j] = n
+        self.mean = np.where(seen, mean_a + delta * n_b / n, mean_a).tolist()
+        self.m2 = np.where(seen, m2_a + m2_b + delta**2 * n_a * n_b / n, m2_a).tolist()
+        self.count = (n_a + n_b).tolist()
 
 
-def _column(batch: pa.RecordBatch | pa.Table, name: str) -> pd.Series | None:
-    idx = batch.schema.get_field_index(name)
-    return None if idx < 0 else batch.column(idx).to_pandas()
+def _numpy(batch: pa.RecordBatch | pa.Table, name: str, dtype) -> np.ndarray:
+    """One column as a numpy array; nulls of a float column become NaN."""
+    column = batch.column(name)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -149,8 +222,24 @@ def stream_batches(
     """Encoded training batches, in the order the record batches arrive."""
     for table in rebatch(batches, batch_size):
         cat, dense = encoder.encode(table, update_stats=update_stats)
-        y = torch.from_numpy(table.column(label).to_numpy(zero_copy_only=False).astype(np.float32))
-        t = None
-        if teacher is not None:
-            t = torch.from_numpy(table.column(teacher).to_numpy(zero_copy_only=False).astype(np.float32))
+        y = torch.from_numpy(_numpy(table, label, np.float32))
+        t = None if teacher is None else torch.from_numpy(_numpy(table, teacher, np.float32))
         yield Batch(cat, dense, y, t, table.num_rows)
+
+
+def prefetch(items: Iterable) -> Iterator:
+    """The items of ``items``, each computed by a background thread while the caller uses the previous one.
+
+    Reading and encoding the next batch overlaps the training step on the current one (pyarrow,
+    numpy and torch release the GIL). One item in flight, so memory holds two batches; an
+    exception of the producer is raised here, in order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    end = object()
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(next, source, end)
+        while (item := pending.result()) is not end:
+            pending = pool.submit(next, source, end)
+            yield item

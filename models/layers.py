@@ -28,6 +28,9 @@ class FeatureEmbedding(nn.Module):
         buckets: hashed vocabulary size per field; ids are in ``[0, buckets)``. Id 0 means
             missing/null and is a learned row like any other.
         dim: embedding dim E.
+        sparse: the table's gradient is a sparse tensor holding only the rows a batch looked
+            up, for a row-wise optimizer (see ``models.optim``); a dense gradient (and dense
+            Adam) would touch every row of every table at every step.
 
     Shapes: ``(B, F)`` LongTensor -> ``(B, F, E)``.
 
@@ -37,10 +40,10 @@ class FeatureEmbedding(nn.Module):
         emb(torch.randint(0, 100, (32, 3))).shape  # (32, 3, 8)
     """
 
-    def __init__(self, n_fields: int, buckets: int, dim: int) -> None:
+    def __init__(self, n_fields: int, buckets: int, dim: int, sparse: bool = True) -> None:
         super().__init__()
         assert n_fields >= 0 and buckets > 0 and dim > 0, f"bad sizes {n_fields=} {buckets=} {dim=}"
-        self.n_fields, self.buckets, self.dim = n_fields, buckets, dim
+        self.n_fields, self.buckets, self.dim, self.sparse = n_fields, buckets, dim, sparse
         # One table (not F tables) so that a lookup is a single gather whatever F is.
         self.weight = nn.Parameter(torch.empty(n_fields * buckets, dim))
         if self.weight.numel():
@@ -54,7 +57,7 @@ class FeatureEmbedding(nn.Module):
             # Without this check an id >= buckets would silently read the next field's rows.
             lo, hi = int(ids.min()), int(ids.max())
             assert lo >= 0 and hi < self.buckets, f"ids in [{lo}, {hi}], not [0, {self.buckets})"
-        return F.embedding(ids + self.offsets, self.weight)  # (B, F, E)
+        return F.embedding(ids + self.offsets, self.weight, sparse=self.sparse)  # (B, F, E)
 
 
 # ----------------------------------------------------------------------------- MLPs

@@ -1,6 +1,7 @@
 """FM and VM training on real Spark + Delta data: chain, resume determinism, snapshots, quality."""
 
 import datetime as dt
+import json
 import os
 import shutil
 import subprocess
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import das, quality, snapshots, train_fm, train_vm
-from jobs.lakehouse import FM_DATASET, VM_TRAINING, read_day, replace_partition
+from jobs import das, evaluate, lakehouse, quality, snapshots, train_fm, train_vm
+from jobs.lakehouse import FM_DATASET, VM_SNAPSHOTS, VM_TRAINING, read_day, replace_partition
 from jobs.training import Progress, day_batches, day_ctr
 from tests.conftest import REPO, TINY, land_days, tiny_config
 
@@ -99,8 +100,8 @@ def test_resume_in_three_processes_equals_one_continuous_run(spark, world, tmp_p
         assert torch.equal(value, in_process[name]), name
 
 
-def _next_day_ne(spark, cfg, snapshot_uri, vm, base_rate):
-    return train_vm.evaluate_on_day(snapshot_uri, DAYS[3], vm, cfg, spark, base_rate=base_rate)["ne"]
+def _next_day(spark, cfg, snapshot_uri, vm, base_rate):
+    return evaluate.score_snapshots([snapshot_uri], DAYS[3], vm, cfg, spark, base_rate=base_rate)[0]
 
 
 def test_fm_beats_every_vm_and_ah_beats_none(spark, world):
@@ -122,9 +123,9 @@ def test_fm_beats_every_vm_and_ah_beats_none(spark, world):
                     assert out["parameters"] < fm_params  # the teacher is the larger model
                 uri = snapshots.vm_uri(seeded, vm.name, method, DAYS[2])
                 base = snapshots.load(uri).meta["train_ctr"]
-                ne[(seed, vm.name, method)] = _next_day_ne(spark, seeded, uri, vm.name, base)
+                ne[(seed, vm.name, method)] = _next_day(spark, seeded, uri, vm.name, base)["ne"]
                 if method == "none":
-                    ne[(seed, vm.name, "fm")] = _next_day_ne(spark, cfg, fm_uri, vm.name, base)
+                    ne[(seed, vm.name, "fm")] = _next_day(spark, cfg, fm_uri, vm.name, base)["ne"]
 
     for vm in cfg.vms:
         fm = np.mean([ne[(s, vm.name, "fm")] for s in SEEDS])
@@ -156,3 +157,81 @@ def test_none_ignores_teacher_scores(spark, world, tmp_path):
             sha[(name, method)] = train_vm.run(day, "feed", c, spark, method=method, fresh=True)["sha256"]
     assert sha[("original", "none")] == sha[("replaced", "none")]
     assert sha[("original", "ah")] != sha[("replaced", "ah")]
+
+
+def _batches(spark, cfg, **kw):
+    encoder = train_fm.new_encoder(cfg)
+    return list(day_batches(spark, cfg, FM_DATASET, DAYS[0], encoder, label="click", batch_size=500, **kw))
+
+
+def test_same_rows_give_the_same_batches_whatever_the_file_layout(spark, world, tmp_path):
+    from pyspark.sql import functions as F
+
+    _, cfg = world
+    scattered = tiny_config(tmp_path, *QUALITY)
+    # A layout none of the writers makes: the day's rows in random order over three files.
+    rows = read_day(spark, cfg, FM_DATASET, DAYS[0]).repartition(3).sortWithinPartitions(F.rand(1))
+    rows.write.format("delta").partitionBy("ds").save(scattered.table(FM_DATASET))
+
+    def direct(c):  # the files as pyarrow would read them, or None when Spark has to sort first
+        return lakehouse._direct_files(spark, c, FM_DATASET, read_day(spark, c, FM_DATASET, DAYS[0]), True)
+
+    assert direct(cfg) is not None and direct(scattered) is None
+    for kw in ({"update_stats": True, "holdout": "exclude"}, {"holdout": "only"}):
+        ours, theirs = _batches(spark, cfg, **kw), _batches(spark, scattered, **kw)
+        assert [b.size for b in ours] == [b.size for b in theirs]
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a.categorical, b.categorical) and torch.equal(a.dense, b.dense)
+            assert torch.equal(a.label, b.label)
+    held_out = sum(b.size for b in _batches(spark, cfg, holdout="only"))
+    total = read_day(spark, cfg, FM_DATASET, DAYS[0]).count()
+    assert 0.1 * total < held_out < 0.3 * total  # das.blessing.holdout_fraction=0.2 of TINY
+
+
+def test_a_continued_day_uses_todays_hyper_parameters_and_refuses_a_new_architecture(spark, world, tmp_path):
+    root, cfg = world
+    base = [*QUALITY, f"snapshots_root={tmp_path}"]
+    train_vm.run(DAYS[1], "feed", tiny_config(root, *base), spark, method="ah", fresh=True)
+    today = tiny_config(
+        root, *base, "vm_training.lr=0.0005", "vm_training.embedding_lr=0.2", "vm_training.beta=2.5"
+    )
+    prev = snapshots.vm_uri(today, "feed", "ah", DAYS[1])
+    model, optimizer, *_ = train_vm.start(today, today.vm("feed"), "ah", prev, None)
+    assert [g["lr"] for g in optimizer.dense.param_groups] == [0.0005]
+    assert [g["lr"] for g in optimizer.embedding.param_groups] == [0.2]
+    # The GS op in the forward pass: the aux head's gradient reaches the backbone output x 2.5 times.
+    x = torch.randn(3, model.out_dim, requires_grad=True)
+    model.backbone = lambda categorical, dense: x
+    model(torch.zeros(3, 0), torch.zeros(3, 0))["aux_logit"].sum().backward()
+    plain = x.detach().clone().requires_grad_()
+    model.aux_head(plain).sum().backward()
+    torch.testing.assert_close(x.grad, 2.5 * plain.grad)
+
+    train_vm.run(DAYS[2], "feed", today, spark, method="ah")
+    row = (
+        spark.read.format("delta")
+        .load(today.table(VM_SNAPSHOTS))
+        .where(f"vm = 'feed' AND method = 'ah' AND ds = '{DAYS[2]}'")
+    )
+    hyper = json.loads(row.first()["hyper_parameters"])
+    assert (hyper["lr"], hyper["embedding_lr"], hyper["beta"]) == (0.0005, 0.2, 2.5)
+    assert snapshots.load(snapshots.vm_uri(today, "feed", "ah", DAYS[2])).meta["model_config"]["beta"] == 2.5
+
+    wider = tiny_config(root, *base, "vm_training.embed_dim=16")
+    with pytest.raises(ValueError, match=r"embed_dim is 16 in the config but 8 in the snapshot.*--fresh"):
+        train_vm.run(DAYS[2], "feed", wider, spark, method="ah")
+
+
+def test_evaluation_in_one_pass_equals_each_model_alone(spark, world, tmp_path):
+    root, cfg = world
+    other = tiny_config(root, *QUALITY, f"snapshots_root={tmp_path}")
+    train_vm.run(DAYS[1], "search", other, spark, method="none", fresh=True)
+    uris = [
+        snapshots.vm_uri(other, "search", "none", DAYS[1]),
+        snapshots.fm_uri(cfg, DAYS[1]),
+        snapshots.fm_uri(cfg, DAYS[0]),
+    ]
+    together = evaluate.score_snapshots(uris, DAYS[2], "search", cfg, spark)
+    alone = [evaluate.score_snapshots([uri], DAYS[2], "search", cfg, spark)[0] for uri in uris]
+    assert together == alone
+    assert len({m["ne"] for m in together}) == 3  # three different models, not one scored thrice

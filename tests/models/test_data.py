@@ -2,9 +2,10 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
-from models.data import MISSING, FeatureEncoder, rebatch, stream_batches
+from models.data import HASHING, MISSING, FeatureEncoder, hash_strings, rebatch, stream_batches
 
 
 def _table(n, seed=0):
@@ -31,6 +32,44 @@ def test_hashing_is_stable_seeded_and_handles_nulls_and_new_ids():
     assert (cat[:, 1] == MISSING).all()  # a column the rows do not have is missing, not an error
     new, _ = enc.encode(pa.table({"user_id": ["never-seen-before"]}), update_stats=False)
     assert 1 <= int(new[0, 0]) < 64
+
+
+def _reference_hash(text: str, seed: int) -> int:
+    """hash_strings' rule in plain Python integers, one value at a time."""
+    m = 2**64
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % m
+        return x ^ (x >> 31)
+
+    data, p = text.encode(), 0x100000001B3
+    poly = sum(byte * pow(p, j, m) for j, byte in enumerate(data)) + len(data) * pow(p, len(data), m)
+    return mix((poly + mix(seed)) % m)
+
+
+def test_hash_strings_follows_its_rule_whatever_the_batch():
+    values = ["", "a", "u123", "héllo", None, "x" * 300, "u124", "123"]
+    hashed = hash_strings(pa.array(values), 5)
+    assert [int(h) for v, h in zip(values, hashed, strict=True) if v is not None] == [
+        _reference_hash(v, 5) for v in values if v is not None
+    ]
+    arr = pa.array(values)
+    assert list(hash_strings(arr.slice(2, 3), 5)) == list(hashed[2:5])  # a slice of a batch
+    chunked = pa.chunked_array([arr.slice(0, 3), arr.slice(3)])
+    assert list(hash_strings(chunked, 5)) == list(hashed)
+    assert hash_strings(pa.array([123]), 5)[0] == hashed[-1]  # an id logged as a number hashes as its text
+    assert not (hash_strings(arr, 6) == hashed).all()  # seeded
+    spread = np.unique(hash_strings(pa.array([f"u{i}" for i in range(20_000)]), 1) % 1000)
+    assert len(spread) == 1000  # sequential ids fill every bucket
+
+
+def test_snapshots_of_another_hashing_are_refused():
+    state = FeatureEncoder(categorical=("user_id",), dense=()).state_dict()
+    assert state["hashing"] == HASHING
+    del state["hashing"]  # a snapshot from before: ids hashed with SipHash
+    with pytest.raises(ValueError, match="--fresh"):
+        FeatureEncoder.from_state(state)
 
 
 def test_dense_stats_stream_to_the_whole_day_statistics_and_survive_a_snapshot():
