@@ -134,7 +134,7 @@ class VmTrainSettings(_Frozen):
     mlp_dims: tuple[int, ...] = (64,)
     head_dims: tuple[int, ...] = (16,)
     batch_size: int = Field(1024, ge=1)  # smaller than the FM's: a VM's day is a share of the traffic
-    lr: float = Field(1e-2, gt=0)  # Adam, dense layers
+    lr: float = Field(3e-3, gt=0)  # Adam, dense layers
     embedding_lr: float = Field(0.2, gt=0)  # Adagrad, embedding tables (sparse rows)
     w: float = Field(1.0, ge=0)  # LW: weight of the distillation loss (Eq 5)
     alpha: float = Field(1.0, gt=0)  # LS: teacher label scale, alpha * y_F clipped at 1
