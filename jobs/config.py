@@ -99,8 +99,8 @@ class SyntheticSettings(_Frozen):
     users: int = Field(5_000, ge=10)  # active users on a day
     ads: int = Field(1_000, ge=10)  # active ads on a day
     churn_rate: float = Field(0.1, ge=0, le=1)  # share of users/ads replaced each day
-    drift: float = Field(0.15, ge=0)  # daily step of the ground-truth weights' random walk
-    base_ctr: dict[str, float] = Field(default_factory=dict)  # per VM; default 0.03
+    drift: float = Field(0.15, ge=0)  # daily step of the ground-truth weights' mean-reverting walk
+    base_ctr: dict[str, float] = Field(default_factory=dict)  # per home VM, held every day; default 0.03
 
     @model_validator(mode="after")
     def _check_ctr(self) -> SyntheticSettings:

@@ -17,6 +17,7 @@ import logging
 from jobs import publishing, quality
 from jobs.config import ExfmConfig, VmSpec, parse_ds
 from jobs.lakehouse import (
+    FM_DATASET,
     VM_EVAL,
     VM_SNAPSHOTS,
     VM_TRAFFIC,
@@ -115,7 +116,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
 def score_snapshots(
     snapshot_uris: list[str],
     eval_ds: str | dt.date,
-    vm_name: str,
+    vm_name: str | None,
     cfg: ExfmConfig,
     spark,
     *,
@@ -124,9 +125,10 @@ def score_snapshots(
     """Metrics of each snapshot (FM or VM) on one VM's traffic of ``eval_ds``, in one read of the day.
 
     Every model scores every batch of the one pass; the metrics are sums, so the rows need no
-    order. The FM is scored on the VM's own view of the rows (features the VM lacks are absent),
-    as the DAS would score them. NE is normalised by each snapshot's training CTR (paper §4.1.2)
-    unless ``base_rate`` is given, e.g. to compare models on one normaliser.
+    order. The FM is scored on the VM's own view of the rows (features the VM lacks are absent).
+    ``vm_name=None`` scores the FM dataset instead (the merged view the FM trains on). NE is
+    normalised by each snapshot's training CTR (paper §4.1.2) unless ``base_rate`` is given,
+    e.g. to compare models on one normaliser.
     """
     import numpy as np
     import torch
@@ -135,21 +137,22 @@ def score_snapshots(
     from models.data import FeatureEncoder
     from models.metrics import StreamingBinaryMetrics
 
-    day, vm = parse_ds(eval_ds), cfg.vm(vm_name)
+    day = parse_ds(eval_ds)
+    table, label = (VM_TRAFFIC, cfg.vm(vm_name).label) if vm_name else (FM_DATASET, cfg.labels[0])
     judged = []  # (model, encoder, meta)
     for uri in snapshot_uris:
         snap = snapshots.load(uri)
         model = (train_fm if snap.meta["kind"] == "fm" else train_vm).build_model(snap.meta["model_config"])
         model.load_state_dict(snap.state["model"])
         judged.append((model.eval(), FeatureEncoder.from_state(snap.meta["encoder"]), snap.meta))
-    columns = [*dict.fromkeys(c for _, enc, _ in judged for c in enc.columns), vm.label]
+    columns = [*dict.fromkeys(c for _, enc, _ in judged for c in enc.columns), label]
     metrics = [StreamingBinaryMetrics() for _ in judged]
-    day_rows = arrow_day(spark, cfg, VM_TRAFFIC, day, columns, vm=vm.name, ordered=False, batch_rows=16_384)
+    day_rows = arrow_day(spark, cfg, table, day, columns, vm=vm_name, ordered=False, batch_rows=16_384)
     with day_rows as (rows, batches), torch.no_grad():
         if not rows:
-            raise ValueError(f"{VM_TRAFFIC} has no rows for ds={day}, vm={vm.name}")
+            raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm_name}" if vm_name else ""))
         for batch in batches:
-            y = torch.from_numpy(batch.column(vm.label).to_numpy().astype(np.float32))
+            y = torch.from_numpy(batch.column(label).to_numpy().astype(np.float32))
             for (model, encoder, _), m in zip(judged, metrics, strict=True):
                 cat, dense = encoder.encode(batch, update_stats=False)
                 m.update(p=torch.sigmoid(model(cat, dense)["logit"]), y=y)

@@ -48,6 +48,7 @@ N_SEGMENTS, N_CATEGORIES, N_ADVERTISERS, N_QUERY = 16, 24, 300, 8
 DEVICES = np.array(["ios", "android", "web"])
 LATENT_DIM = 4
 DEFAULT_BASE_CTR = 0.03
+CALIBRATION_ROWS = 60_000  # sample that sets each day's intercepts
 
 
 # --- deterministic hashing of ids into attributes ---------------------------------------
@@ -75,8 +76,9 @@ def _normal(seed: int, salt: int, ids: np.ndarray) -> np.ndarray:
 class GroundTruth:
     """The hidden click model of one day (index t since synthetic.start_date).
 
-    Every table but the advertiser effect drifts by a seeded random walk, so day t is a
-    function of (seed, t) alone and a model frozen on an old day gets worse every day.
+    Every table but the advertiser effect drifts by a seeded mean-reverting AR(1) walk, so
+    day t is a function of (seed, t) alone and a model frozen on an old day gets worse every
+    day, while each table's mean and spread, and so the click rate, stay where they started.
     """
 
     segment: np.ndarray  # (N_SEGMENTS,) main effect of the user segment
@@ -86,25 +88,32 @@ class GroundTruth:
     seg_cat_dev: np.ndarray  # (4, 6, 3) three-way cross, drifts at half speed
     hour_phase: np.ndarray  # (N_CATEGORIES,) phase of each category's daily cycle
 
+    # name -> (shape, spread, speed of its drift relative to synthetic.drift)
+    TABLES = {
+        "segment": (N_SEGMENTS, 0.4, 1.0),
+        "category": (N_CATEGORIES, 0.5, 1.0),
+        "advertiser": (N_ADVERTISERS, 0.3, 0.0),
+        "seg_cat": ((N_SEGMENTS, N_CATEGORIES), 0.5, 1.0),
+        "seg_cat_dev": ((4, 6, 3), 0.6, 0.5),
+    }
+
     @classmethod
     def for_day(cls, seed: int, t: int, drift: float) -> GroundTruth:
         rng = np.random.default_rng([seed, 1])
-        tables = {
-            "segment": rng.normal(0, 0.4, N_SEGMENTS),
-            "category": rng.normal(0, 0.5, N_CATEGORIES),
-            "advertiser": rng.normal(0, 0.3, N_ADVERTISERS),
-            "seg_cat": rng.normal(0, 0.5, (N_SEGMENTS, N_CATEGORIES)),
-            "seg_cat_dev": rng.normal(0, 0.6, (4, 6, 3)),
-            "hour_phase": rng.uniform(0, 2 * np.pi, N_CATEGORIES),
-        }
-        speed = {"advertiser": 0.0, "seg_cat_dev": 0.5}
-        for day in range(1, t + 1):  # a random walk: day t sums t seeded steps
+        tables = {name: rng.normal(0, spread, shape) for name, (shape, spread, _) in cls.TABLES.items()}
+        means = {name: table.mean() for name, table in tables.items()}
+        for day in range(1, t + 1):  # day t takes t seeded steps
             step = np.random.default_rng([seed, 2, day])
             for name, table in tables.items():
                 noise = step.normal(0, 1, table.shape)
-                # Centred steps: tastes move, the overall click rate does not wander off.
-                tables[name] = table + speed.get(name, 1.0) * drift * (noise - noise.mean())
-        return cls(**tables)
+                _, spread, speed = cls.TABLES[name]
+                # AR(1) with innovation std `drift * speed` and stationary std `spread`: a
+                # random walk's variance grows with t and pushes the click rate up every day.
+                # Centred noise keeps each table's mean fixed.
+                sigma = min(drift * speed, spread)
+                keep = np.sqrt(1 - (sigma / spread) ** 2)
+                tables[name] = means[name] + keep * (table - means[name]) + sigma * (noise - noise.mean())
+        return cls(**tables, hour_phase=rng.uniform(0, 2 * np.pi, N_CATEGORIES))
 
 
 def _day_index(cfg: ExfmConfig, day: dt.date) -> int:
@@ -121,11 +130,23 @@ def _active_ids(pool: int, churn: float, t: int, u: np.ndarray) -> np.ndarray:
 
 
 def _chunk(
-    cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth, chunk: int, n: int, first_seq: int
+    cfg: ExfmConfig,
+    day: dt.date,
+    t: int,
+    truth: GroundTruth,
+    chunk: int,
+    n: int,
+    first_seq: int,
+    intercept: np.ndarray,
+    stream: int = 3,
 ) -> dict[str, np.ndarray]:
-    """All attributes, the true probability and the label of n requests."""
+    """All attributes, the true probability and the label of n requests.
+
+    ``intercept`` is the logit offset of each home VM; ``stream`` picks an independent random
+    stream (the calibration sample of ``_intercepts`` does not reuse the day's requests).
+    """
     s, seed = cfg.synthetic, cfg.seeds.synthetic
-    rng = np.random.default_rng([seed, 3, t, chunk])
+    rng = np.random.default_rng([seed, stream, t, chunk])
     n_vms = len(cfg.vms)
 
     # Arrival times: chunk k covers the k-th slice of the day, sorted, so files arrive in order.
@@ -148,9 +169,8 @@ def _chunk(
     affinity = sum(_normal(seed, 30 + k, user) * _normal(seed, 40 + k, ad) for k in range(LATENT_DIM)) * 0.35
 
     home = rng.integers(0, n_vms, n)
-    base = np.array([cfg.synthetic.base_ctr.get(v.name, DEFAULT_BASE_CTR) for v in cfg.vms])
     logit = (
-        np.log(base / (1 - base))[home]
+        intercept[home]
         + 0.3 * _normal(seed, 12, user)
         + 0.3 * _normal(seed, 23, ad)  # id biases
         + affinity
@@ -198,9 +218,30 @@ def _chunk(
         "watch_time": watch_time,
         "click": click,
         "p_click": p_click,
+        "logit": logit,
         "home": home,
         "second": second,
     }
+
+
+def _intercepts(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth) -> np.ndarray:
+    """Per home VM, the logit offset that puts the day's mean true CTR at synthetic.base_ctr.
+
+    Solved on a fixed sample of the day's world, so the drifting structure never moves the
+    base rates: every next-day calibration error is the model's, not the world's.
+    """
+    zero = np.zeros(len(cfg.vms))
+    sample = _chunk(cfg, day, t, truth, 0, CALIBRATION_ROWS, 0, zero, stream=5)
+    offsets = []
+    for i, vm in enumerate(cfg.vms):
+        logit = sample["logit"][sample["home"] == i]
+        target = cfg.synthetic.base_ctr.get(vm.name, DEFAULT_BASE_CTR)
+        lo, hi = -30.0, 30.0
+        for _ in range(60):  # bisection: the mean of sigmoid(logit + b) rises with b
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < target else (lo, mid)
+        offsets.append((lo + hi) / 2)
+    return np.array(offsets)
 
 
 def _vm_table(
@@ -233,6 +274,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig) -> dict:
     t = _day_index(cfg, day)
     s = cfg.synthetic
     truth = GroundTruth.for_day(cfg.seeds.synthetic, t, s.drift)
+    intercept = _intercepts(cfg, day, t, truth)
     part = f"ds={day.isoformat()}"
     # Write into a private temp dir and swap it in, so readers never see half a day.
     landing_tmp = Path(cfg.landing) / f"_tmp_{part}_{uuid.uuid4().hex}"
@@ -242,7 +284,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig) -> dict:
     try:
         for chunk, first in enumerate(range(0, s.rows_per_day, s.rows_per_file)):
             n = min(s.rows_per_file, s.rows_per_day - first)
-            rows = _chunk(cfg, day, t, truth, chunk, n, first)
+            rows = _chunk(cfg, day, t, truth, chunk, n, first, intercept)
             rng = np.random.default_rng([cfg.seeds.synthetic, 4, t, chunk])
             for i, vm in enumerate(cfg.vms):
                 table = _vm_table(rows, i, cfg, rng)

@@ -81,6 +81,19 @@ def test_vms_share_users_ads_and_requests_but_not_base_ctr(tmp_path):
     assert ctr["search"] > ctr["feed"] * 1.2 > ctr["video"] * 1.2 * 1.2
 
 
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_base_ctr_stays_at_its_configured_value_while_the_world_drifts(tmp_path, seed):
+    """Mean-reverting drift: over three months, every VM's mean true CTR stays within ±20% of base_ctr."""
+    rows = ("synthetic.rows_per_day=6000", "synthetic.rows_per_file=6000")
+    cfg = tiny_config(tmp_path, *rows, f"seeds.synthetic={seed}")
+    for day in pd.date_range("2026-01-01", periods=10, freq="9D").date:  # a random walk would be gone by then
+        generate.run(day, cfg)
+        truth = pd.read_parquet(f"{cfg.truth}/ds={day}")
+        for vm, p_click in truth.groupby("home_vm")["p_click"]:
+            want = cfg.synthetic.base_ctr[vm]
+            assert abs(p_click.mean() / want - 1) < 0.2, (seed, str(day), vm, p_click.mean(), want)
+
+
 def test_users_and_ads_churn_every_day(tmp_path):
     cfg = tiny_config(tmp_path)
     for ds in ("2026-01-01", "2026-01-02"):

@@ -104,16 +104,16 @@ def _next_day(spark, cfg, snapshot_uri, vm, base_rate):
     return evaluate.score_snapshots([snapshot_uri], DAYS[3], vm, cfg, spark, base_rate=base_rate)[0]
 
 
-def test_fm_beats_every_vm_and_ah_beats_none(spark, world):
-    """Quality on synthetic data (not a timing): next-day NE on day 4 of VMs trained on days 2-3.
+def test_fm_beats_every_vm_ah_beats_none_and_all_are_calibrated(spark, world):
+    """Quality on synthetic data (not a timing): next-day NE and calibration on day 4.
 
-    NE of every model is normalised by the same base rate (the VM's training CTR), so NEs of
-    one VM's rows compare like LogLoss.
+    The VMs are trained on days 2-3, the FM on days 1-3. NE of every model is normalised by the
+    same base rate (the VM's training CTR), so NEs of one VM's rows compare like LogLoss.
     """
     root, cfg = world
     fm_uri = snapshots.fm_uri(cfg, DAYS[2])
     fm_params = snapshots.load(fm_uri).meta["parameters"]
-    ne = {}
+    ne, calibration = {}, {}
     for seed in SEEDS:
         seeded = tiny_config(root, *QUALITY, f"seeds.train={seed}", f"snapshots_root={root / f'seed{seed}'}")
         for vm in cfg.vms:
@@ -123,7 +123,8 @@ def test_fm_beats_every_vm_and_ah_beats_none(spark, world):
                     assert out["parameters"] < fm_params  # the teacher is the larger model
                 uri = snapshots.vm_uri(seeded, vm.name, method, DAYS[2])
                 base = snapshots.load(uri).meta["train_ctr"]
-                ne[(seed, vm.name, method)] = _next_day(spark, seeded, uri, vm.name, base)["ne"]
+                m = _next_day(spark, seeded, uri, vm.name, base)
+                ne[(seed, vm.name, method)], calibration[(seed, vm.name, method)] = m["ne"], m["calibration"]
                 if method == "none":
                     ne[(seed, vm.name, "fm")] = _next_day(spark, cfg, fm_uri, vm.name, base)["ne"]
 
@@ -131,6 +132,10 @@ def test_fm_beats_every_vm_and_ah_beats_none(spark, world):
         fm = np.mean([ne[(s, vm.name, "fm")] for s in SEEDS])
         none = np.mean([ne[(s, vm.name, "none")] for s in SEEDS])
         assert fm < none, (vm.name, fm, none, ne)
+        # Predicted clicks / clicks of the next day: one-pass training must not drift off the rate.
+        assert 0.9 <= np.mean([calibration[(s, vm.name, "none")] for s in SEEDS]) <= 1.1, calibration
+    # The FM on the next day of its own data (the merged view it trains on).
+    assert 0.9 <= _next_day(spark, cfg, fm_uri, None, None)["calibration"] <= 1.1
     none = np.array([ne[(s, "feed", "none")] for s in SEEDS])
     ah = np.array([ne[(s, "feed", "ah")] for s in SEEDS])
     # Same seed = same initial weights for both methods: compare pairs, then against seed noise.
