@@ -164,12 +164,19 @@ def cmd_demo(cfg: ExfmConfig, args) -> None:
     for day in days:
         t0 = time.perf_counter()
         run = dag.test(logical_date=pendulum.datetime(day.year, day.month, day.day, tz="UTC"))
-        states = Counter(str(ti.state) for ti in run.get_task_instances())
+        tis = run.get_task_instances()
+        states = Counter(str(ti.state) for ti in tis)
         failed |= str(run.state) != "success"
         lines.append(
             f"{day}  exfm_daily: {run.state} ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})"
             f"  {_gains(cfg, day)}  {time.perf_counter() - t0:.0f}s"
         )
+        if args.tasks:  # where the day's time went, in task order
+            for ti in sorted(tis, key=lambda ti: (ti.start_date is None, ti.start_date)):
+                mapped = f"[{ti.rendered_map_index or ti.map_index}]" if ti.map_index >= 0 else ""
+                name = ti.task_id + mapped
+                seconds = "-" if ti.duration is None else f"{ti.duration:.1f}s"
+                lines.append(f"    {name:36} {str(ti.state):8} {seconds:>8}")
     print("\n".join(["", *lines, f"report: {cfg.table('reports')}/index.html"]), flush=True)
     if failed:
         raise SystemExit("exfm demo: a day failed; its task logs are above")
@@ -276,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="synthetic days through the exfm_daily DAG (Airflow), then the report"
     )
     day_range(sp)
+    sp.add_argument("--tasks", action="store_true", help="also print each task's state and wall time")
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -12,7 +12,7 @@ from typing import Literal
 from jobs import snapshots
 from jobs.config import ExfmConfig
 from jobs.lakehouse import arrow_day, read_day
-from models.data import Batch, FeatureEncoder, prefetch, stream_batches
+from models.data import Batch, FeatureEncoder, stream_batches
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,15 @@ def day_batches(
             )
         n = 0
         encoded = stream_batches(
-            batches, encoder, label=label, batch_size=batch_size, teacher=teacher, update_stats=update_stats
+            batches,
+            encoder,
+            label=label,
+            batch_size=batch_size,
+            teacher=teacher,
+            update_stats=update_stats,
+            background=True,
         )
-        for batch in prefetch(encoded):
+        for batch in encoded:
             n += batch.size
             yield batch
         if not n:
@@ -161,7 +167,9 @@ def save_day(
         },
     )
     keep = ("vm", "method", "snapshot", "sha256", "n_examples", "train_loss", "parameters", "continued_from")
-    return {"ds": day.isoformat(), "snapshot": uri} | {k: meta[k] for k in keep if k in meta}
+    # The pass over the day (read, encode, train), without the job's setup and bookkeeping.
+    timing = {"train_seconds": round(progress.seconds, 3)}
+    return {"ds": day.isoformat(), "snapshot": uri} | {k: meta[k] for k in keep if k in meta} | timing
 
 
 def day_ctr(spark, cfg: ExfmConfig, table: str, day: dt.date, label: str, vm: str | None = None) -> float:
@@ -211,6 +219,7 @@ class Progress:
         return self.rows / max(time.perf_counter() - self.start, 1e-9)
 
     def close(self) -> None:
+        self.seconds = time.perf_counter() - self.start
         if self.bar is not None:
             self.bar.close()
         log.info("%s: done, %d rows, %.0f rows/s, loss %.4f", self.desc, self.rows, self.rate, self.mean_loss)

@@ -218,13 +218,30 @@ def stream_batches(
     batch_size: int,
     teacher: str | None = None,
     update_stats: bool = False,
+    encode_rows: int = 16_384,
+    background: bool = False,
 ) -> Iterator[Batch]:
-    """Encoded training batches, in the order the record batches arrive."""
-    for table in rebatch(batches, batch_size):
-        cat, dense = encoder.encode(table, update_stats=update_stats)
-        y = torch.from_numpy(_numpy(table, label, np.float32))
-        t = None if teacher is None else torch.from_numpy(_numpy(table, teacher, np.float32))
-        yield Batch(cat, dense, y, t, table.num_rows)
+    """Encoded training batches, in the order the record batches arrive.
+
+    Rows are encoded ``encode_rows`` at a time (a whole number of batches) and the tensors then
+    sliced, so the fixed cost of each Arrow and numpy call is paid once per chunk, not per batch;
+    the dense statistics are updated once per chunk. ``background`` reads and encodes the next
+    chunk in a thread (``prefetch``) while the caller trains on this one.
+    """
+    rows = batch_size * max(1, encode_rows // batch_size)
+
+    def chunks() -> Iterator[Batch]:
+        for table in rebatch(batches, rows):
+            cat, dense = encoder.encode(table, update_stats=update_stats)
+            y = torch.from_numpy(_numpy(table, label, np.float32))
+            t = None if teacher is None else torch.from_numpy(_numpy(table, teacher, np.float32))
+            yield Batch(cat, dense, y, t, table.num_rows)
+
+    for chunk in prefetch(chunks()) if background else chunks():
+        for i in range(0, chunk.size, batch_size):
+            j = min(i + batch_size, chunk.size)
+            t = None if chunk.teacher is None else chunk.teacher[i:j]
+            yield Batch(chunk.categorical[i:j], chunk.dense[i:j], chunk.label[i:j], t, j - i)
 
 
 def prefetch(items: Iterable) -> Iterator:

@@ -110,3 +110,10 @@ def test_stream_batches_carries_labels_and_teacher():
         torch.cat([b.label for b in batches]), torch.tensor(table["click"].to_numpy(), dtype=torch.float32)
     )
     assert all(torch.allclose(b.teacher, torch.full((100,), 0.25)) for b in batches)
+    # Encoded a chunk at a time, in a background thread or not: the same batches.
+    for kwargs in ({"encode_rows": 100}, {"encode_rows": 200, "background": True}):
+        again = list(
+            stream_batches(table.to_batches(max_chunksize=70), enc, label="click", batch_size=100, **kwargs)
+        )
+        assert [b.size for b in again] == [100, 100, 100]
+        assert all(torch.equal(a.categorical, b.categorical) for a, b in zip(batches, again, strict=True))
