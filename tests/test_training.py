@@ -138,9 +138,11 @@ def test_fm_beats_every_vm_ah_beats_none_and_all_are_calibrated(spark, world):
     assert 0.9 <= _next_day(spark, cfg, fm_uri, None, None)["calibration"] <= 1.1
     none = np.array([ne[(s, "feed", "none")] for s in SEEDS])
     ah = np.array([ne[(s, "feed", "ah")] for s in SEEDS])
-    # Same seed = same initial weights for both methods: compare pairs, then against seed noise.
-    assert (ah < none).all(), (none, ah)
-    assert none.mean() - ah.mean() > max(none.std(), ah.std()), (none, ah)
+    # Same seed = same initial weights for both methods: compare pairs, then the mean gain
+    # against the noise of the pairs' gains.
+    gain = none - ah
+    assert (gain > 0).all(), (none, ah)
+    assert gain.mean() > gain.std(), (none, ah)
 
 
 def test_none_ignores_teacher_scores(spark, world, tmp_path):
