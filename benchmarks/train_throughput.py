@@ -4,19 +4,19 @@
 
 Lands two synthetic days of ``--rows`` requests (generate, ingest, gates, FM dataset), trains
 the FM on day 1, publishes it and scores day 2 with the DAS, and trains every VM (method
-``ah_sa``) on day 1. Then, for day 2, each model is measured twice in this one process:
+``ah_sa``) on day 1. Then, for day 2, each model is measured two ways in this one process:
 (a) the same model (continued from its day-1 snapshot, same optimizer) stepping over the day's
 batches already encoded in memory: the limit of the model and optimizer alone; (b) the real job
 (``train_fm.run`` / ``train_vm.run``): the Delta day read by pyarrow, ids hashed, one pass,
-snapshot written. Prints rows/s of (a) and of the job's pass over the day, their ratio, the
-whole job's seconds and rows/s (its fixed Spark bookkeeping included), and the peak RSS of the
-process during each job (training streams the day, so it must not grow with ``--rows``;
-Spark's JVM is a separate process).
+snapshot written; (a) and (b) run in ``--repeats`` back-to-back pairs (see ``measure``). The
+peak RSS of the process during a job must not grow with ``--rows``: training streams the day
+(Spark's JVM is a separate process).
 """
 
 import argparse
 import datetime as dt
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +54,7 @@ def reset_peak_rss() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=200_000, help="requests per synthetic day")
+    p.add_argument("--repeats", type=int, default=3, help="measurements of each; the medians are shown")
     p.add_argument("--set", action="append", default=[], help="config override key.path=value")
     p.add_argument("--root", help="work in (and keep) this directory; days it already holds are reused")
     args = p.parse_args()
@@ -104,12 +105,13 @@ def main() -> None:
             holdout="exclude",
         )
     )
-    _, in_memory = timed(train_fm.fit_day, model, optimizer, batches, Progress("fm in memory"))
-    rows = sum(b.size for b in batches)
-    del batches
-    reset_peak_rss()
-    out, job = timed(train_fm.run, day2, cfg, spark, publish=False)
-    report(f"fm ({cfg.fm.arch})", rows, in_memory, out, job)
+    measure(
+        f"fm ({cfg.fm.arch})",
+        batches,
+        lambda: train_fm.fit_day(model, optimizer, batches, Progress("in memory")),
+        lambda: train_fm.run(day2, cfg, spark, publish=False),
+        args.repeats,
+    )
 
     for vm in cfg.vms:
         t = cfg.vm_training
@@ -132,26 +134,39 @@ def main() -> None:
             )
         )
         distill = DistillConfig(method="ah_sa", w=t.w, alpha=t.alpha)
-        progress = Progress(f"vm {vm.name} in memory")
-        _, in_memory = timed(
-            train_vm.fit_day, model, optimizer, distill, batches, progress, adapter, adapter_optimizer
+        fit_args = (model, optimizer, distill, batches, Progress("in memory"), adapter, adapter_optimizer)
+        measure(
+            f"vm {vm.name} ({vm.model})",
+            batches,
+            lambda: train_vm.fit_day(*fit_args),  # noqa: B023 - called before the loop moves on
+            lambda: train_vm.run(day2, vm.name, cfg, spark, method="ah_sa"),  # noqa: B023
+            args.repeats,
         )
-        rows = sum(b.size for b in batches)
-        del batches
-        reset_peak_rss()
-        out, job = timed(train_vm.run, day2, vm.name, cfg, spark, method="ah_sa")
-        report(f"vm {vm.name} ({vm.model})", rows, in_memory, out, job)
 
 
-def report(name: str, rows: int, in_memory_s: float, job: dict, job_s: float) -> None:
-    """One line: the pass over the Delta day (job["train_seconds"]: read, encode, train) next to
-    the in-memory limit, and the whole job (with its Spark bookkeeping: teacher lookup, snapshot,
-    registry MERGE)."""
-    n = job["n_examples"]
-    a, b = rows / in_memory_s, n / job["train_seconds"]
+def measure(name: str, batches: list, in_memory, job, repeats: int) -> None:
+    """Print one line: (a) ``in_memory()`` and (b) ``job()``, run in pairs ``repeats`` times.
+
+    The machine's speed drifts by ±15% (a fixed matmul loop varies that much), so each ratio is
+    taken within a pair run back to back and the medians are shown: rows/s of (a) and of the
+    job's pass over the Delta day (``train_seconds``: read, encode, train), the median ratio, the
+    whole job's seconds and rows/s (its Spark bookkeeping included: teacher lookup, snapshot,
+    registry MERGE), and the peak RSS of one more job, run after the in-memory batches are freed
+    (``batches.clear()``: the caller's list, so nothing else holds them).
+    """
+    rows = sum(b.size for b in batches)
+    pairs = [(timed(in_memory)[1], timed(job)) for _ in range(repeats)]
+    n = pairs[0][1][0]["n_examples"]
+    mem = [rows / s for s, _ in pairs]
+    passed = [n / out["train_seconds"] for _, (out, _) in pairs]
+    job_s = statistics.median(s for _, (_, s) in pairs)
+    batches.clear()
+    reset_peak_rss()
+    job()
+    ratio = statistics.median(b / a for a, b in zip(mem, passed, strict=True))
     print(
-        f"{name:18} {n:9,} {a:17,.0f} {b:17,.0f} {b / a:6.2f} {job_s:6.1f} {n / job_s:10,.0f}"
-        f" {peak_rss_mb():7,.0f} MB",
+        f"{name:18} {n:9,} {statistics.median(mem):17,.0f} {statistics.median(passed):17,.0f} {ratio:6.2f}"
+        f" {job_s:6.1f} {n / job_s:10,.0f} {peak_rss_mb():7,.0f} MB",
         flush=True,
     )
 

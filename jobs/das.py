@@ -9,9 +9,9 @@
    once (verified by sha256) and keeps it for all its batches and tasks.
 4. Stage each VM's rows of the day with teacher_score / teacher_logit / teacher_snapshot_id
    (``_staging/vm_training``, replaceWhere ds). The gate ``quality.run("vm_training", ...)``
-   validates them (suite ``teacher_scores``) and publishes them with one MERGE keyed on
-   (ds, vm, request_id) (sql/das_merge.sql), confined to day ds, so days can be scored and
-   published in parallel.
+   validates them (suite ``teacher_scores``) and publishes them with one replaceWhere of day ds
+   in arrival order, so days can be scored and published in parallel and a re-run replaces
+   the day.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -109,6 +110,49 @@ SCRATCH = "_scratch"  # Parquet that Spark writes for a Python reader (lakehouse
 _DIRECT_UNSAFE = ("delta.enableDeletionVectors", "delta.columnMapping.mode")  # files alone would lie
 
 
+@dataclass(frozen=True)
+class DayFiles:
+    """What reading one day of a table needs from Delta: its files, listed once.
+
+    ``direct``: the day's files of the table's current version (``inputFiles()``,
+    partition-pruned), in arrival order when listed ``ordered``; None when the files alone would
+    be wrong (out of order, deletion vectors, column mapping) and Spark must read the day.
+    """
+
+    direct: list[str] | None
+
+    def values(self, column: str) -> set:
+        """The distinct values of a column in the day's files (pyarrow, no Spark job); direct only."""
+        import pyarrow.compute as pc
+
+        seen = set()
+        for f in self.direct or ():
+            reader = _parquet(f)
+            if column in reader.schema_arrow.names:
+                seen.update(pc.unique(reader.read(columns=[column]).column(0)).to_pylist())
+            elif reader.metadata.num_rows:
+                seen.add(None)  # files written before the column existed read it as null
+        return seen
+
+
+def day_files(
+    spark, cfg: ExfmConfig, table: str, ds: dt.date, *, vm: str | None = None, ordered: bool = True
+):
+    """List one day's files (one Delta metadata query) for ``arrow_day`` and ``DayFiles.values``."""
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, cfg.table(table)):
+        return DayFiles([])
+    return DayFiles(_direct_files(spark, cfg, table, _day(spark, cfg, table, ds, vm), ordered))
+
+
+def _day(spark, cfg: ExfmConfig, table: str, ds: dt.date, vm: str | None):
+    from pyspark.sql import functions as F
+
+    df = read_day(spark, cfg, table, ds)
+    return df if vm is None else df.where(F.col("vm") == vm)
+
+
 @contextlib.contextmanager
 def arrow_day(
     spark,
@@ -120,28 +164,27 @@ def arrow_day(
     vm: str | None = None,
     ordered: bool = True,
     batch_rows: int = 65_536,
+    files: DayFiles | None = None,
 ):
     """One day of a Delta table for a Python consumer, Arrow all the way: yields ``(rows, batches())``.
 
-    The day's files of the table's current version (``inputFiles()``, partition-pruned) are
-    read with pyarrow, ``batch_rows`` at a time, so the consumer holds one batch and never a
-    day, and no row is pickled or goes through a Spark job. ``ordered``: in arrival order
-    (event_ts, request_id). The writers lay a day out that way (``replace_partition``), which a
-    pass over the key columns verifies; any other layout is sorted by Spark first
-    (``spark_to_arrow``), so the batches are the same whatever the file layout. ``rows`` (before
-    any filtering by the consumer) comes from the files' footers. Every batch has the schema of
-    ``columns`` (those the table has): a column missing from older files reads as nulls.
+    The day's files of the table's current version (``day_files``, or ``files`` when the caller
+    listed them already) are read with pyarrow, ``batch_rows`` at a time, so the consumer holds
+    one batch and never a day, and no row is pickled or goes through a Spark job. ``ordered``:
+    in arrival order (event_ts, request_id). The writers lay a day out that way
+    (``replace_partition``), which a pass over the key columns verifies; any other layout is
+    sorted by Spark first (``spark_to_arrow``), so the batches are the same whatever the file
+    layout. ``rows`` (before any filtering by the consumer) comes from the files' footers. Every
+    batch has the schema of ``columns`` (those the table has): a column missing from older files
+    reads as nulls.
     """
     import pyarrow as pa
-    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_type
 
-    df = read_day(spark, cfg, table, ds)
-    if vm is not None:
-        df = df.where(F.col("vm") == vm)
+    df = _day(spark, cfg, table, ds, vm)
     wanted = [c for c in dict.fromkeys([*columns, *(ARRIVAL if ordered else ())]) if c in df.columns]
-    files = _direct_files(spark, cfg, table, df, ordered)
-    if files is None:
+    direct = (files or DayFiles(_direct_files(spark, cfg, table, df, ordered))).direct
+    if direct is None:
         log.info(
             "%s ds=%s%s: files not in arrival order, Spark sorts the day",
             table,
@@ -153,7 +196,7 @@ def arrow_day(
             yield day
         return
     schema = pa.schema([(c, to_arrow_type(df.schema[c].dataType, timezone="UTC")) for c in wanted])
-    readers = [_parquet(f) for f in files]
+    readers = [_parquet(f) for f in direct]
 
     def batches():
         for reader in readers:

@@ -3,7 +3,7 @@
 A job never writes a day straight into its table. It ``stage``s the day's rows in
 ``<lakehouse_root>/_staging/<table>`` (replaceWhere on the day); the gate ``run`` validates the
 staged day with the table's GX suite and only then publishes it into the real table
-(replaceWhere of the day, or the DAS MERGE for vm_training). A day that fails is copied to
+(replaceWhere of the day). A day that fails is copied to
 ``<lakehouse_root>/_quarantine/<table>/ds=<day>/at=<time>`` for inspection, the real table is
 left exactly as it was, and ``QualityError`` names the table, column, rule and observed value.
 Every run writes one row per (ds, table, suite) to Delta ``dq_results`` and rebuilds the Data
@@ -70,14 +70,13 @@ class Gate:
     suite: str
     partition_by: tuple[str, ...]
     order: tuple[str, ...] = ("event_ts", "request_id")  # sort inside partitions on write
-    merge: bool = False  # published by the DAS MERGE (sql/das_merge.sql) instead of replaceWhere
     may_be_empty: bool = False  # a day without rows is legitimate (no models to evaluate yet)
 
 
 GATES = {
     VM_TRAFFIC: Gate("vm_traffic", ("ds", "vm")),
     FM_DATASET: Gate("fm_dataset", ("ds",)),
-    VM_TRAINING: Gate("teacher_scores", ("ds", "vm"), merge=True),
+    VM_TRAINING: Gate("teacher_scores", ("ds", "vm")),
     VM_EVAL: Gate("vm_eval", ("ds",), order=("vm", "method"), may_be_empty=True),
 }
 
@@ -159,34 +158,14 @@ def run(table: str, ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
 
 
 def _publish(table: str, gate: Gate, staged, day: dt.date, cfg: ExfmConfig, spark) -> dict:
-    """Copy the validated day into the real table in one commit touching only day ds."""
-    if not gate.merge:
-        replace_partition(staged, cfg, table, list(gate.partition_by), order=gate.order, ds=day)
-        return {"operation": "replaceWhere", "version": table_version(spark, cfg, table)}
-    from delta.tables import DeltaTable
+    """Copy the validated day into the real table in one commit touching only day ds.
 
-    # vm_training: one MERGE keyed on (ds, vm, request_id), so days can be published in
-    # parallel; rows of the day that are no longer staged (a re-ingest dropped them) come in as
-    # tombstones (teacher_snapshot_id NULL) and are deleted.
-    path, source = cfg.table(table), staged
-    if DeltaTable.isDeltaTable(spark, path):
-        keys = ["vm", "request_id"]
-        stale = (
-            read_day(spark, cfg, table, day).select("ds", *keys).join(staged.select(*keys), keys, "left_anti")
-        )
-        source = source.unionByName(stale, allowMissingColumns=True)
-    else:
-        staged.limit(0).write.format("delta").partitionBy(*gate.partition_by).mode("ignore").save(path)
-    merge = spark.sql(
-        render_sql("das_merge", vm_training=table_ref(cfg, table)),
-        args={"ds": day.isoformat()},
-        das_source=source,
-    ).first()
-    return {
-        "operation": "MERGE",
-        "version": table_version(spark, cfg, table),
-        **{k: merge[k] for k in ("num_updated_rows", "num_inserted_rows", "num_deleted_rows")},
-    }
+    replaceWhere of the day: a re-run replaces every row of it (rows a re-ingest dropped go too),
+    writers of other days do not conflict, and the files are laid out in arrival order, so
+    training reads them directly (``lakehouse.arrow_day``) instead of sorting the day again.
+    """
+    replace_partition(staged, cfg, table, list(gate.partition_by), order=gate.order, ds=day)
+    return {"operation": "replaceWhere", "version": table_version(spark, cfg, table)}
 
 
 def _quarantine(staged, cfg: ExfmConfig, table: str, day: dt.date) -> str:

@@ -17,11 +17,12 @@ from jobs.lakehouse import (
     VM_SNAPSHOTS,
     VM_TRAFFIC,
     VM_TRAINING,
+    DayFiles,
+    day_files,
     read_day,
     render_sql,
     retry_on_conflict,
     table_ref,
-    table_version,
 )
 from jobs.train_fm import ID_FEATURES
 from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, resume, save_day
@@ -126,7 +127,8 @@ def run(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     uri = snapshots.vm_uri(cfg, vm.name, method, day)
     prev_uri = previous_snapshot(uri.rsplit("/", 1)[0], day, fresh)
-    teacher = day_teacher(day, vm.name, cfg, spark)
+    listing = day_files(spark, cfg, VM_TRAINING, day, vm=vm.name)  # once: teacher lineage and the read
+    teacher = day_teacher(day, vm.name, cfg, spark, listing)
     cold_start = teacher is None
     table = VM_TRAFFIC if cold_start else VM_TRAINING
 
@@ -150,6 +152,7 @@ def run(
         vm=vm.name,
         teacher=teacher_col,
         update_stats=True,
+        files=None if cold_start else listing,
     )
     clicks = fit_day(model, optimizer, distill, batches, progress, adapter, adapter_optimizer)
 
@@ -208,27 +211,29 @@ def run(
     return saved | {"cold_start": cold_start, **lineage}
 
 
-def day_teacher(day: dt.date, vm: str, cfg: ExfmConfig, spark) -> dict | None:
+def day_teacher(day: dt.date, vm: str, cfg: ExfmConfig, spark, listing: DayFiles) -> dict | None:
     """The FM snapshot whose scores vm_training[ds, vm] holds (id, trained_through_ds), or None
-    on a cold start.
+    on a cold start. ``listing``: the day's files of vm_training (``day_files``).
 
     A cold start is only the days before any FM snapshot exists: a missing DAS run on a
     later day is an error, never a silent switch to training without the teacher.
     """
     from pyspark.sql import functions as F
 
-    ids = []
-    if table_version(spark, cfg, VM_TRAINING) is not None:
+    if listing.direct is not None:  # read from the files' one column, no Spark job
+        ids = listing.values("teacher_snapshot_id")
+    else:
         rows = read_day(spark, cfg, VM_TRAINING, day).where(F.col("vm") == vm)
-        ids = [r[0] for r in rows.select("teacher_snapshot_id").distinct().collect()]
+        ids = {r[0] for r in rows.select("teacher_snapshot_id").distinct().collect()}
     if len(ids) > 1:
         raise ValueError(
-            f"vm_training ds={day} vm={vm} mixes teacher snapshots {sorted(ids)}: re-run das-score"
+            f"vm_training ds={day} vm={vm} mixes teacher snapshots {sorted(map(str, ids))}: re-run das-score"
         )
     if ids:
-        row = next((r for r in publishing.list_snapshots(cfg, spark) if r.snapshot_id == ids[0]), None)
+        (snapshot_id,) = ids
+        row = next((r for r in publishing.list_snapshots(cfg, spark) if r.snapshot_id == snapshot_id), None)
         through = row.trained_through_ds if row else None  # None: vm_training copied from elsewhere
-        return {"teacher_snapshot_id": ids[0], "teacher_trained_through_ds": through}
+        return {"teacher_snapshot_id": snapshot_id, "teacher_trained_through_ds": through}
     if any(r.day < day for r in publishing.list_snapshots(cfg, spark)):
         raise ValueError(
             f"vm_training has no rows for ds={day}, vm={vm}: run `exfm das-score --ds {day}` first"

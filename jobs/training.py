@@ -11,7 +11,7 @@ from typing import Literal
 
 from jobs import snapshots
 from jobs.config import ExfmConfig
-from jobs.lakehouse import arrow_day, read_day
+from jobs.lakehouse import DayFiles, arrow_day, read_day
 from models.data import Batch, FeatureEncoder, stream_batches
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,18 @@ def day_batches(
     teacher: str | None = None,
     update_stats: bool = False,
     holdout: Literal["exclude", "only"] | None = None,
+    files: DayFiles | None = None,
 ) -> Iterator[Batch]:
     """One day of a Delta table as encoded batches, in arrival order, one batch in memory.
 
-    ``holdout`` drops (or keeps only) the blessing holdout slice of the day (see ``in_holdout``).
+    ``holdout`` drops (or keeps only) the blessing holdout slice of the day (see ``in_holdout``);
+    ``files``: the day's files, when the caller listed them already (``lakehouse.day_files``).
     """
     import pyarrow as pa
 
     extra = [label, *([teacher] if teacher else [])]
     columns = [*encoder.columns, *extra, *(["request_id"] if holdout else [])]
-    with arrow_day(spark, cfg, table, day, columns, vm=vm) as (rows, batches):
+    with arrow_day(spark, cfg, table, day, columns, vm=vm, files=files) as (rows, batches):
         if holdout is not None:
             keep = holdout == "only"
             batches = (

@@ -54,7 +54,7 @@ def test_teacher_scores_equal_direct_torch_scores(spark, world):
     day = DAYS[1]
     out = das.run(day, cfg, spark)
     gate = quality.run(VM_TRAINING, day, cfg, spark)
-    assert gate["success"] and gate["published"]["operation"] == "MERGE"
+    assert gate["success"] and gate["published"]["operation"] == "replaceWhere"
     row = publishing.resolve_for_day(day, cfg, spark)
     assert out["snapshot_id"] == row.snapshot_id and row.trained_through_ds == "2026-01-01"
 
@@ -115,12 +115,12 @@ def test_freeze_days_scores_with_a_staler_snapshot(spark, world):
 
 
 def _score(day, cfg, spark) -> dict:
-    """das-score, then its gate (which publishes with one MERGE): the publish's result."""
+    """das-score, then its gate (which publishes with one replaceWhere): the publish's result."""
     das.run(day, cfg, spark)
     return quality.run(VM_TRAINING, day, cfg, spark)["published"]
 
 
-def test_rerun_is_one_merge_with_the_same_content(spark, world):
+def test_rerun_is_one_commit_with_the_same_content(spark, world):
     _, cfg = world
     day = DAYS[1]
     _score(day, cfg, spark)
@@ -129,8 +129,7 @@ def test_rerun_is_one_merge_with_the_same_content(spark, world):
     out = _score(day, cfg, spark)
     assert checksum(read_day(spark, cfg, VM_TRAINING, day)) == before
     history = _history(spark, cfg, VM_TRAINING, after=version)
-    assert [h["operation"] for h in history] == ["MERGE"]
-    assert out["num_inserted_rows"] == 0 and out["num_deleted_rows"] == 0
+    assert [h["operation"] for h in history] == ["WRITE"] and out["version"] == history[0]["version"]
     scored = read_day(spark, cfg, VM_TRAINING, day)
     assert scored.count() == scored.select("vm", "request_id").distinct().count()
 
@@ -142,7 +141,7 @@ def test_rerun_is_one_merge_with_the_same_content(spark, world):
         f"ds = '{day}' AND vm = 'feed' AND request_id = '{gone}'"  # test-owned literal values
     )
     try:
-        assert _score(day, cfg, spark)["num_deleted_rows"] == 1
+        _score(day, cfg, spark)
         assert (
             read_day(spark, cfg, VM_TRAINING, day).where(f"request_id = '{gone}' AND vm = 'feed'").isEmpty()
         )
@@ -160,7 +159,7 @@ def test_writers_of_different_days_do_not_conflict(spark, world):
     def score(day):
         try:
             results[day] = das.run(day, cfg, spark)
-            quality.run(VM_TRAINING, day, cfg, spark)  # staging and publishing MERGE per day
+            quality.run(VM_TRAINING, day, cfg, spark)  # staging and publishing per day
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

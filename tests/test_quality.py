@@ -74,7 +74,7 @@ def test_good_days_pass_every_gate_and_are_published_as_validated(spark, world):
     ]
     by_table = {g["table"]: g for g in world.gates}
     assert by_table[VM_TRAINING]["suite"] == "teacher_scores"
-    assert by_table[VM_TRAINING]["published"]["operation"] == "MERGE"
+    assert by_table[VM_TRAINING]["published"]["operation"] == "replaceWhere"
     assert by_table[VM_TRAFFIC]["published"]["operation"] == "replaceWhere"
     # The row-count and CTR bands had history on day 2 and observed the day's values.
     assert by_table[VM_TRAFFIC]["observed"]["expect_table_row_count_to_be_between(table)"] > 1000
