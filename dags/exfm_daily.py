@@ -125,8 +125,8 @@ def exfm_daily():
         from jobs import das, publishing
 
         ds, cfg, spark = _ctx()
-        if not any(r.trained_through_ds < ds for r in publishing.list_snapshots(cfg, spark)):
-            raise AirflowSkipException(f"no FM snapshot trained before {ds} yet: the VMs cold-start")
+        if publishing.teacher_for_day(ds, cfg, spark) is None:
+            raise AirflowSkipException(f"no eligible FM snapshot trained before {ds}: the VMs cold-start")
         out = das.run(ds, cfg, spark)
         return {k: out[k] for k in ("ds", "snapshot_id", "fm_staleness_days", "rows", "requests_scored")}
 
@@ -154,7 +154,10 @@ def exfm_daily():
         out = train_vm.run(ds, pair["vm"], cfg, spark, method=pair["method"])
         return {k: out[k] for k in ("ds", "vm", "method", "snapshot", "n_examples", "cold_start")}
 
-    @task(doc_md="The VM and FM snapshots of `ds-1` on `vm_traffic[ds]`: NE, AUC, calibration → `vm_eval`.")
+    @task(
+        trigger_rule="none_failed",  # runs on a cold-start day, when the DAS was skipped
+        doc_md="Snapshots of `ds-1` and the teacher scores of `ds` on day `ds`: NE, AUC, calibration.",
+    )
     def evaluate() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -182,7 +185,7 @@ def exfm_daily():
     scores = traffic >> das_score() >> gate_vm_training()
     students = train_vm.expand(pair=vm_method_pairs())
     scores >> students
-    judged = traffic >> evaluate() >> gate_vm_eval()
+    judged = [traffic, scores] >> evaluate() >> gate_vm_eval()  # the `fm` row judges the day's scores
     [pointer, students, judged] >> report()
 
 

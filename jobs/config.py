@@ -203,6 +203,8 @@ class ExfmConfig(_Frozen):
         names = [v.name for v in self.vms]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
+        if "all" in names:  # vm_eval's row of the FM on every VM's requests (evaluate.ALL_VMS)
+            raise ValueError("VM name 'all' is reserved: vm_eval uses it for the FM on the merged dataset")
         # One feature name = one meaning = one column of the FM dataset, so one kind.
         kinds: dict[str, str] = {}
         for vm in self.vms:

@@ -1,12 +1,20 @@
 """evaluate: yesterday's models on today's traffic (paper §4.1.2) -> Delta ``vm_eval``.
 
 For day t, every VM snapshot (vm, method) trained through t-1 is scored on that VM's rows of
-``vm_traffic[t]``, and so is the FM trained through t-1 (method ``fm``, on the VM's own view of
-the rows, as the DAS scores them). Each row holds n, NE, AUC, LogLoss, calibration, the FM
-staleness of the teacher the model learned from and, on synthetic data, the oracle NE of the
-generator's true probabilities. All NEs of a VM share one normaliser, the VM's click rate on
-the training day t-1 (the paper's "mean label of the training data"), so methods, the FM and
-the oracle compare directly. The day's rows are staged; the vm_eval gate publishes them.
+day t. Two rows judge the FM:
+
+- ``fm``, the teacher as the VMs saw it: ``vm_training[t].teacher_score`` (the scores the DAS
+  appended for training on day t, by the blessed snapshot the pointer held) against day t's
+  labels, on each VM's rows;
+- ``fm_merged`` (vm ``all``), the FM's own next-day quality: the FM trained through t-1 on
+  ``fm_dataset[t]``, the merged view it trains on, normalised by its own training CTR.
+
+Each row holds n, NE, AUC, LogLoss, calibration, the FM staleness of the teacher the model
+learned from and, on synthetic data, the oracle NE of the generator's true probabilities. All
+NEs of a VM share one normaliser, the VM's click rate on the training day t-1 (the paper's
+"mean label of the training data"), so methods, the teacher and the oracle compare directly.
+Each VM's day is read once (``vm_training`` when the DAS scored it, else ``vm_traffic``). The
+day's rows are staged; the vm_eval gate publishes them.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ from jobs.lakehouse import (
     VM_EVAL,
     VM_SNAPSHOTS,
     VM_TRAFFIC,
+    VM_TRAINING,
+    DayFiles,
     arrow_day,
+    day_files,
+    day_values,
     quote,
     render_sql,
     table_version,
@@ -29,7 +41,10 @@ from jobs.lakehouse import (
 from jobs.training import day_ctr
 
 log = logging.getLogger(__name__)
-FM_METHOD = "fm"  # the teacher's own rows in vm_eval
+FM_METHOD = "fm"  # the teacher's scores as the VMs learned from them, per VM
+FM_MERGED = "fm_merged"  # the FM's own next-day quality on the FM dataset
+ALL_VMS = "all"  # the vm of the fm_merged row: every VM's requests, merged
+TEACHER_SCORE = "teacher_score"
 
 SCHEMA = (
     "ds string, vm string, method string, model_ds string, snapshot_uri string, n long, ne double, "
@@ -70,37 +85,68 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
                 continue
             entry = (method, snap.uri, snap.teacher_snapshot_id, snap.teacher_trained_through_ds)
             models.setdefault(vm.name, []).append(entry)
-        if fm is not None and fm.collected_at is None:
-            models.setdefault(vm.name, []).append((FM_METHOD, fm.uri, fm.snapshot_id, fm.trained_through_ds))
-
+    snapshot_rows = {r.snapshot_id: r for r in publishing.list_snapshots(cfg, spark)}
     rows = []
+
+    def add(vm: str, method: str, model_ds: str, uri: str, m: dict, teacher_id, teacher_ds, oracle_ne):
+        staleness = None if teacher_ds is None else (model_day - dt.date.fromisoformat(teacher_ds)).days
+        metrics = {k: float(m[k]) for k in ("ne", "ne_eval_base", "auc", "logloss", "calibration", "ctr")}
+        rows.append(
+            {
+                "ds": day.isoformat(),
+                "vm": vm,
+                "method": method,
+                "model_ds": model_day.isoformat() if model_ds is None else model_ds,
+                "snapshot_uri": uri,
+                "n": int(m["n"]),
+                **metrics,
+                "fm_staleness_days": staleness,
+                "teacher_snapshot_id": teacher_id,
+                "oracle_ne": oracle_ne,
+            }
+        )
+        log.info("vm_eval ds=%s %s/%s: NE %.4f AUC %.4f", day, vm, method, m["ne"], m["auc"])
+
     for vm in cfg.vms:
-        if vm.name not in models:
+        # The teacher scores the DAS appended for day t (one snapshot per VM and day, its gate says).
+        listing = day_files(spark, cfg, VM_TRAINING, day, vm=vm.name, ordered=False)
+        teacher_ids = day_values(
+            spark, cfg, VM_TRAINING, day, "teacher_snapshot_id", vm=vm.name, files=listing
+        )
+        teacher = snapshot_rows.get(next(iter(teacher_ids))) if len(teacher_ids) == 1 else None
+        if vm.name not in models and teacher is None:
             continue
+        entries = models.get(vm.name, [])
         base_rate = day_ctr(spark, cfg, VM_TRAFFIC, model_day, vm.label, vm=vm.name)
         oracle = oracle_logloss(day, vm, cfg, spark)
+        oracle_ne = None if oracle is None else oracle / entropy(base_rate)
         scored = score_snapshots(
-            [entry[1] for entry in models[vm.name]], day, vm.name, cfg, spark, base_rate=base_rate
+            [entry[1] for entry in entries],
+            day,
+            vm.name,
+            cfg,
+            spark,
+            base_rate=base_rate,
+            **({"table": VM_TRAINING, "scores": [TEACHER_SCORE], "files": listing} if teacher else {}),
         )
-        for (method, uri, teacher_id, teacher_ds), m in zip(models[vm.name], scored, strict=True):
-            staleness = None if teacher_ds is None else (model_day - dt.date.fromisoformat(teacher_ds)).days
-            rows.append(
-                {
-                    "ds": day.isoformat(),
-                    "vm": vm.name,
-                    "method": method,
-                    "model_ds": model_day.isoformat(),
-                    "snapshot_uri": uri,
-                    "n": int(m["n"]),
-                    **{
-                        k: float(m[k]) for k in ("ne", "ne_eval_base", "auc", "logloss", "calibration", "ctr")
-                    },
-                    "fm_staleness_days": staleness,
-                    "teacher_snapshot_id": teacher_id,
-                    "oracle_ne": None if oracle is None else oracle / entropy(base_rate),
-                }
+        for (method, uri, teacher_id, teacher_ds), m in zip(entries, scored, strict=False):
+            add(vm.name, method, None, uri, m, teacher_id, teacher_ds, oracle_ne)
+        if teacher is not None:
+            t = teacher
+            add(
+                vm.name,
+                FM_METHOD,
+                t.trained_through_ds,
+                t.uri,
+                scored[-1],
+                t.snapshot_id,
+                t.trained_through_ds,
+                oracle_ne,
             )
-            log.info("vm_eval ds=%s %s/%s: NE %.4f AUC %.4f", day, vm.name, method, m["ne"], m["auc"])
+
+    if fm is not None and fm.collected_at is None:  # the FM trained through t-1, on its own data
+        (m,) = score_snapshots([fm.uri], day, None, cfg, spark)
+        add(ALL_VMS, FM_MERGED, None, fm.uri, m, fm.snapshot_id, fm.trained_through_ds, None)
 
     if rows or table_version(spark, cfg, quality.staging_table(VM_EVAL)) is not None:
         # Staged for the vm_eval gate, which publishes it; a re-run replaces the day, also to empty.
@@ -121,14 +167,19 @@ def score_snapshots(
     spark,
     *,
     base_rate: float | None = None,
+    table: str = VM_TRAFFIC,
+    scores: list[str] = (),
+    files: DayFiles | None = None,
 ) -> list[dict]:
-    """Metrics of each snapshot (FM or VM) on one VM's traffic of ``eval_ds``, in one read of the day.
+    """Metrics of each snapshot (FM or VM) on one VM's rows of ``eval_ds``, in one read of the day.
 
     Every model scores every batch of the one pass; the metrics are sums, so the rows need no
     order. The FM is scored on the VM's own view of the rows (features the VM lacks are absent).
-    ``vm_name=None`` scores the FM dataset instead (the merged view the FM trains on). NE is
-    normalised by each snapshot's training CTR (paper §4.1.2) unless ``base_rate`` is given,
-    e.g. to compare models on one normaliser.
+    ``vm_name=None`` scores the FM dataset instead (the merged view the FM trains on). ``scores``:
+    probability columns of ``table`` judged as they are (e.g. the DAS's ``teacher_score``), after
+    the snapshots in the result. NE is normalised by each snapshot's training CTR (paper §4.1.2)
+    unless ``base_rate`` is given, e.g. to compare models on one normaliser; ``base_rate`` is
+    needed for ``scores``.
     """
     import numpy as np
     import torch
@@ -138,28 +189,30 @@ def score_snapshots(
     from models.metrics import StreamingBinaryMetrics
 
     day = parse_ds(eval_ds)
-    table, label = (VM_TRAFFIC, cfg.vm(vm_name).label) if vm_name else (FM_DATASET, cfg.labels[0])
+    table, label = (table, cfg.vm(vm_name).label) if vm_name else (FM_DATASET, cfg.labels[0])
     judged = []  # (model, encoder, meta)
     for uri in snapshot_uris:
         snap = snapshots.load(uri)
         model = (train_fm if snap.meta["kind"] == "fm" else train_vm).build_model(snap.meta["model_config"])
         model.load_state_dict(snap.state["model"])
         judged.append((model.eval(), FeatureEncoder.from_state(snap.meta["encoder"]), snap.meta))
-    columns = [*dict.fromkeys(c for _, enc, _ in judged for c in enc.columns), label]
-    metrics = [StreamingBinaryMetrics() for _ in judged]
-    day_rows = arrow_day(spark, cfg, table, day, columns, vm=vm_name, ordered=False, batch_rows=16_384)
+    columns = [*dict.fromkeys(c for _, enc, _ in judged for c in enc.columns), label, *scores]
+    metrics = [StreamingBinaryMetrics() for _ in [*judged, *scores]]
+    day_rows = arrow_day(
+        spark, cfg, table, day, columns, vm=vm_name, ordered=False, batch_rows=16_384, files=files
+    )
     with day_rows as (rows, batches), torch.no_grad():
         if not rows:
             raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm_name}" if vm_name else ""))
         for batch in batches:
             y = torch.from_numpy(batch.column(label).to_numpy().astype(np.float32))
-            for (model, encoder, _), m in zip(judged, metrics, strict=True):
+            for (model, encoder, _), m in zip(judged, metrics, strict=False):
                 cat, dense = encoder.encode(batch, update_stats=False)
                 m.update(p=torch.sigmoid(model(cat, dense)["logit"]), y=y)
-    return [
-        m.compute(train_base_rate=base_rate or meta["train_ctr"])
-        for m, (_, _, meta) in zip(metrics, judged, strict=True)
-    ]
+            for column, m in zip(scores, metrics[len(judged) :], strict=True):
+                m.update(p=torch.from_numpy(batch.column(column).to_numpy().astype(np.float32)), y=y)
+    bases = [base_rate or meta["train_ctr"] for _, _, meta in judged] + [base_rate] * len(scores)
+    return [m.compute(train_base_rate=b) for m, b in zip(metrics, bases, strict=True)]
 
 
 def oracle_logloss(day: dt.date, vm: VmSpec, cfg: ExfmConfig, spark) -> float | None:

@@ -121,24 +121,11 @@ class DayFiles:
 
     direct: list[str] | None
 
-    def values(self, column: str) -> set:
-        """The distinct values of a column in the day's files (pyarrow, no Spark job); direct only."""
-        import pyarrow.compute as pc
-
-        seen = set()
-        for f in self.direct or ():
-            reader = _parquet(f)
-            if column in reader.schema_arrow.names:
-                seen.update(pc.unique(reader.read(columns=[column]).column(0)).to_pylist())
-            elif reader.metadata.num_rows:
-                seen.add(None)  # files written before the column existed read it as null
-        return seen
-
 
 def day_files(
     spark, cfg: ExfmConfig, table: str, ds: dt.date, *, vm: str | None = None, ordered: bool = True
 ):
-    """List one day's files (one Delta metadata query) for ``arrow_day`` and ``DayFiles.values``."""
+    """List one day's files (one Delta metadata query) for ``arrow_day`` and ``day_values``."""
     from delta.tables import DeltaTable
 
     if not DeltaTable.isDeltaTable(spark, cfg.table(table)):
@@ -151,6 +138,26 @@ def _day(spark, cfg: ExfmConfig, table: str, ds: dt.date, vm: str | None):
 
     df = read_day(spark, cfg, table, ds)
     return df if vm is None else df.where(F.col("vm") == vm)
+
+
+def day_values(
+    spark, cfg: ExfmConfig, table: str, ds: dt.date, column: str, *, vm: str | None, files: DayFiles
+) -> set:
+    """The distinct values of one column in one day: from the listed files when they can be
+    read directly (pyarrow, one column, no Spark job), else one Spark query."""
+    import pyarrow.compute as pc
+
+    if files.direct is None:
+        rows = _day(spark, cfg, table, ds, vm).select(column).distinct().collect()
+        return {r[0] for r in rows}
+    seen = set()
+    for f in files.direct:
+        reader = _parquet(f)
+        if column in reader.schema_arrow.names:
+            seen.update(pc.unique(reader.read(columns=[column]).column(0)).to_pylist())
+        elif reader.metadata.num_rows:
+            seen.add(None)  # files written before the column existed read it as null
+    return seen
 
 
 @contextlib.contextmanager

@@ -242,6 +242,15 @@ def resolve_for_day(
     return row
 
 
+def teacher_for_day(ds: str | dt.date, cfg: ExfmConfig, spark) -> SnapshotRow | None:
+    """``resolve_for_day``, or None when no eligible snapshot exists for the day: the VMs
+    cold-start (before the first FM, or when every earlier FM was rejected by blessing)."""
+    try:
+        return resolve_for_day(ds, cfg, spark)
+    except NoSnapshotError:
+        return None
+
+
 def check_no_leakage(row: SnapshotRow, day: dt.date) -> None:
     if row.day >= day:
         raise LeakageError(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jobs import publishing
 from jobs.config import ExfmConfig, parse_ds
-from jobs.evaluate import FM_METHOD
+from jobs.evaluate import FM_MERGED, FM_METHOD
 from jobs.lakehouse import DQ_RESULTS, VM_EVAL, table_version
 
 METRICS = ("n", "ne", "auc", "logloss", "calibration", "oracle_ne", "fm_staleness_days")
@@ -119,6 +119,15 @@ def render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path)
         parts.append(
             _figure(_plot(history, "fm_staleness_days", f"{vm.name}: FM staleness (days)"), "FM staleness")
         )
+
+    merged = [r for r in evals if r["method"] == FM_MERGED]
+    if merged:  # the FM's own next-day quality, on the FM dataset (every VM's requests, merged)
+        parts.append(f"<h3 id='fm-merged'>FM on its own data ({FM_MERGED}: fm_dataset)</h3>")
+        for r in (r for r in merged if r["ds"] == day.isoformat()):
+            head = "".join(f"<th>{m}</th>" for m in METRICS)
+            cells = "".join(f"<td>{_fmt(r[m])}</td>" for m in METRICS)
+            parts.append(f"<table class='eval'><tr>{head}</tr><tr>{cells}</tr></table>")
+        parts.append(_figure(_plot(merged, "ne", "FM: next-day NE on fm_dataset"), "FM NE over days"))
 
     parts.append("<h2>FM snapshots</h2><table class='snapshots'><tr>")
     parts.append(

@@ -19,7 +19,7 @@ from jobs.lakehouse import (
     VM_TRAINING,
     DayFiles,
     day_files,
-    read_day,
+    day_values,
     render_sql,
     retry_on_conflict,
     table_ref,
@@ -215,16 +215,11 @@ def day_teacher(day: dt.date, vm: str, cfg: ExfmConfig, spark, listing: DayFiles
     """The FM snapshot whose scores vm_training[ds, vm] holds (id, trained_through_ds), or None
     on a cold start. ``listing``: the day's files of vm_training (``day_files``).
 
-    A cold start is only the days before any FM snapshot exists: a missing DAS run on a
-    later day is an error, never a silent switch to training without the teacher.
+    A cold start is only a day no eligible FM snapshot can score (before the first FM, or
+    after only rejected ones): a missing DAS run on a day with a teacher is an error, never a
+    silent switch to training without the teacher.
     """
-    from pyspark.sql import functions as F
-
-    if listing.direct is not None:  # read from the files' one column, no Spark job
-        ids = listing.values("teacher_snapshot_id")
-    else:
-        rows = read_day(spark, cfg, VM_TRAINING, day).where(F.col("vm") == vm)
-        ids = {r[0] for r in rows.select("teacher_snapshot_id").distinct().collect()}
+    ids = day_values(spark, cfg, VM_TRAINING, day, "teacher_snapshot_id", vm=vm, files=listing)
     if len(ids) > 1:
         raise ValueError(
             f"vm_training ds={day} vm={vm} mixes teacher snapshots {sorted(map(str, ids))}: re-run das-score"
@@ -234,7 +229,7 @@ def day_teacher(day: dt.date, vm: str, cfg: ExfmConfig, spark, listing: DayFiles
         row = next((r for r in publishing.list_snapshots(cfg, spark) if r.snapshot_id == snapshot_id), None)
         through = row.trained_through_ds if row else None  # None: vm_training copied from elsewhere
         return {"teacher_snapshot_id": snapshot_id, "teacher_trained_through_ds": through}
-    if any(r.day < day for r in publishing.list_snapshots(cfg, spark)):
+    if publishing.teacher_for_day(day, cfg, spark) is not None:
         raise ValueError(
             f"vm_training has no rows for ds={day}, vm={vm}: run `exfm das-score --ds {day}` first"
         )

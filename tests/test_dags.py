@@ -22,7 +22,7 @@ STRUCTURE = {
     "publish_fm": ["update_pointer"],
     "update_pointer": ["report"],
     "das_score": ["gate_vm_training"],
-    "gate_vm_training": ["train_vm"],
+    "gate_vm_training": ["evaluate", "train_vm"],
     "vm_method_pairs": ["train_vm"],
     "train_vm": ["report"],
     "evaluate": ["gate_vm_eval"],
@@ -102,9 +102,33 @@ def test_two_days_run_every_task_and_fan_out_over_the_registry(spark, two_days):
     scored = DeltaTable.forPath(spark, cfg.table(VM_TRAINING)).toDF()
     assert scored.where("ds = '2026-01-01'").isEmpty() and not scored.where("ds = '2026-01-02'").isEmpty()
     evals = DeltaTable.forPath(spark, cfg.table(VM_EVAL)).toDF().where("ds = '2026-01-02'").collect()
-    assert {(r.vm, r.method) for r in evals} == pairs | {(v.name, "fm") for v in cfg.vms}
-    assert all(0 < r.ne < 2 and 0 <= r.auc <= 1 and r.oracle_ne < r.ne for r in evals)
+    assert {(r.vm, r.method) for r in evals} == pairs | {(v.name, "fm") for v in cfg.vms} | {
+        ("all", "fm_merged")
+    }
+    assert all(0 < r.ne < 2 and 0 <= r.auc <= 1 for r in evals)
+    assert all(r.oracle_ne < r.ne for r in evals if r.vm != "all")
     assert os.path.exists(cfg.table("reports") + "/ds=2026-01-02.html")
+
+
+def test_fm_row_is_the_teacher_as_the_vms_saw_it(spark, two_days):
+    """vm_eval's `fm` row is NE/calibration of vm_training.teacher_score against the day's labels."""
+    from models.metrics import LOGLOSS_EPS, entropy
+
+    cfg, _ = two_days
+    evals = DeltaTable.forPath(spark, cfg.table(VM_EVAL)).toDF().where("ds = '2026-01-02'")
+    scored = DeltaTable.forPath(spark, cfg.table(VM_TRAINING)).toDF().where("ds = '2026-01-02'")
+    traffic = DeltaTable.forPath(spark, cfg.table("vm_traffic")).toDF().where("ds = '2026-01-01'")
+    for vm in cfg.vms:
+        row = evals.where(f"vm = '{vm.name}' AND method = 'fm'").first()
+        days = scored.where(f"vm = '{vm.name}'").toPandas()  # tiny
+        p = days["teacher_score"].clip(LOGLOSS_EPS, 1 - LOGLOSS_EPS).to_numpy()
+        y = days[vm.label].to_numpy()
+        base = traffic.where(f"vm = '{vm.name}'").agg({vm.label: "avg"}).first()[0]  # the training day's CTR
+        logloss = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+        assert row.n == len(days) and row.teacher_snapshot_id == days["teacher_snapshot_id"].iloc[0]
+        assert row.ne == pytest.approx(logloss / entropy(base), rel=1e-5), vm.name
+        assert row.calibration == pytest.approx(p.mean() / y.mean(), rel=1e-5), vm.name
+        assert row.model_ds == "2026-01-01" and row.fm_staleness_days == 0
 
 
 def test_evaluate_reruns_idempotently_and_refuses_a_broken_chain(spark, two_days):
