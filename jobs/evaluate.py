@@ -131,18 +131,9 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         )
         for (method, uri, teacher_id, teacher_ds), m in zip(entries, scored, strict=False):
             add(vm.name, method, None, uri, m, teacher_id, teacher_ds, oracle_ne)
-        if teacher is not None:
-            t = teacher
-            add(
-                vm.name,
-                FM_METHOD,
-                t.trained_through_ds,
-                t.uri,
-                scored[-1],
-                t.snapshot_id,
-                t.trained_through_ds,
-                oracle_ne,
-            )
+        if teacher is not None:  # the last metrics: the teacher_score column
+            through = teacher.trained_through_ds
+            add(vm.name, FM_METHOD, through, teacher.uri, scored[-1], teacher.snapshot_id, through, oracle_ne)
 
     if fm is not None and fm.collected_at is None:  # the FM trained through t-1, on its own data
         (m,) = score_snapshots([fm.uri], day, None, cfg, spark)
