@@ -125,6 +125,8 @@ def exfm_daily():
         from jobs import das, publishing
 
         ds, cfg, spark = _ctx()
+        if publishing.in_fm_warmup(ds, cfg, spark):
+            raise AirflowSkipException(f"{ds} is in the FM's warm-up: no VM trains on it")
         if publishing.teacher_for_day(ds, cfg, spark) is None:
             raise AirflowSkipException(f"no eligible FM snapshot trained before {ds}: the VMs cold-start")
         out = das.run(ds, cfg, spark)
@@ -147,10 +149,14 @@ def exfm_daily():
         doc_md="One pass of VM `vm` with `method` over `vm_training[ds, vm]` (labels only on a cold start).",
     )
     def train_vm(pair: dict) -> dict:
-        from jobs import train_vm
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from jobs import publishing, train_vm
 
         get_current_context()["pair_label"] = f"{pair['vm']}/{pair['method']}"
         ds, cfg, spark = _ctx()
+        if publishing.in_fm_warmup(ds, cfg, spark):
+            raise AirflowSkipException(f"{ds} is in the FM's warm-up (fm.warmup_days={cfg.fm.warmup_days})")
         out = train_vm.run(ds, pair["vm"], cfg, spark, method=pair["method"])
         return {k: out[k] for k in ("ds", "vm", "method", "snapshot", "n_examples", "cold_start")}
 

@@ -182,6 +182,18 @@ def cmd_demo(cfg: ExfmConfig, args) -> None:
         raise SystemExit("exfm demo: a day failed; its task logs are above")
 
 
+def cmd_study(cfg: ExfmConfig, args) -> None:
+    """A study of studies/<name>.yaml: every (arm, seed) through the jobs, then study_results and a page."""
+    from jobs import study
+
+    spec = study.load_study(args.name)
+    if args.seeds:
+        spec = spec.model_copy(update={"seeds": tuple(args.seeds)})
+    out = study.run(spec, args.config, args.set, workers=args.workers)
+    print(out.pop("summary"), flush=True)
+    _print(out)
+
+
 def _gains(cfg: ExfmConfig, day: dt.date) -> str:
     """Next-day NE gain of each method over `none`, averaged over the VMs (from vm_eval)."""
     from jobs import report
@@ -285,6 +297,13 @@ def parser() -> argparse.ArgumentParser:
     day_range(sp)
     sp.add_argument("--tasks", action="store_true", help="also print each task's state and wall time")
     sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser(
+        "study", parents=[common], help="run a study (studies/NAME.yaml) end to end: study_results and a page"
+    )
+    sp.add_argument("name", help="a study in studies/ (or a path to a study file)")
+    sp.add_argument("--workers", type=int, default=1, help="runs at a time, each its own process and Spark")
+    sp.add_argument("--seeds", type=int, nargs="+", help="instead of the study's seeds")
+    sp.set_defaults(func=cmd_study)
     return p
 
 

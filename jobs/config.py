@@ -123,6 +123,12 @@ class FmSettings(_Frozen):
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(3e-3, gt=0)  # Adam, dense layers
     embedding_lr: float = Field(0.2, gt=0)  # Adagrad, embedding tables (sparse rows)
+    # The FM's head start (paper §4.1.1: the FM trains on days 1-4 before any VM): the VMs
+    # train from the day the FM has trained this many days before it.
+    warmup_days: int = Field(0, ge=0)
+    # The VMs whose traffic and features the FM learns from (empty: every VM). One VM is the
+    # control arm: the FM has that VM's data and features only, so any gain is capacity's.
+    source_vms: tuple[Identifier, ...] = ()
 
 
 class VmTrainSettings(_Frozen):
@@ -214,6 +220,8 @@ class ExfmConfig(_Frozen):
                         raise ValueError(
                             f"column {col!r} is {kinds[col]} in one VM and {kind} in VM {vm.name!r}"
                         )
+        if set(self.fm.source_vms) - set(names):
+            raise ValueError(f"fm.source_vms {list(self.fm.source_vms)}: VMs not in the registry {names}")
         unknown = sorted(set(self.synthetic.base_ctr) - set(names))
         if unknown:
             raise ValueError(f"synthetic.base_ctr names VMs not in the registry: {unknown}")
@@ -245,6 +253,24 @@ class ExfmConfig(_Frozen):
     @property
     def labels(self) -> tuple[str, ...]:
         return _ordered_union((v.label,) for v in self.vms)
+
+    @property
+    def fm_vms(self) -> tuple[VmSpec, ...]:
+        """The VMs whose traffic the FM dataset holds (``fm.source_vms``, default every VM)."""
+        return tuple(v for v in self.vms if not self.fm.source_vms or v.name in self.fm.source_vms)
+
+    @property
+    def fm_categorical_features(self) -> tuple[str, ...]:
+        """The FM's categorical features: the union of its source VMs', in registry order."""
+        return _ordered_union(v.categorical for v in self.fm_vms)
+
+    @property
+    def fm_dense_features(self) -> tuple[str, ...]:
+        return _ordered_union(v.dense for v in self.fm_vms)
+
+    @property
+    def fm_labels(self) -> tuple[str, ...]:
+        return _ordered_union((v.label,) for v in self.fm_vms)
 
     def table(self, name: str) -> str:
         """Location of a Delta table under the lakehouse root."""

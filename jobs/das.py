@@ -92,7 +92,7 @@ def run(
     t0 = time.perf_counter()
     row = publishing.resolve_for_day(day, cfg, spark, freeze_days=freeze_days, snapshot_id=snapshot_id)
     snap = publishing.load(row)  # fail on the driver, before any task, if the files are wrong
-    requests = fm_dataset.requests(cfg, spark, day)
+    requests = fm_dataset.requests(cfg, spark, day, every_vm=True)
     columns = [c for c in FeatureEncoder.from_state(snap.meta["encoder"]).columns if c in requests.columns]
 
     t_score = time.perf_counter()

@@ -23,20 +23,34 @@ def query(cfg: ExfmConfig) -> str:
 
     return render_sql(
         "fm_dataset",
-        feature_columns=merged((*cfg.categorical_features, *cfg.dense_features)),
+        feature_columns=merged((*cfg.fm_categorical_features, *cfg.fm_dense_features)),
         label_columns=merged(cfg.labels),
     )
 
 
-def requests(cfg: ExfmConfig, spark, day: dt.date):
-    """vm_traffic of one day merged to one row per request (the DAS scores these too)."""
+def requests(cfg: ExfmConfig, spark, day: dt.date, *, every_vm: bool = False):
+    """vm_traffic of one day merged to one row per request, with the FM's features.
+
+    The requests of the FM's source VMs (``fm.source_vms``), or of ``every_vm`` for the DAS,
+    which scores every VM's rows with what the FM knows.
+    """
     if table_version(spark, cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
         raise ValueError(
             f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` and "
             f"`exfm validate --table vm_traffic --ds {day}` first"
         )
-    traffic = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
+    traffic = fm_traffic(cfg, spark, every_vm=every_vm)
     return spark.sql(query(cfg), args={"ds": day.isoformat()}, vm_traffic=traffic)
+
+
+def fm_traffic(cfg: ExfmConfig, spark, *, every_vm: bool = False):
+    """vm_traffic, restricted to the FM's source VMs unless ``every_vm``."""
+    from pyspark.sql import functions as F
+
+    traffic = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
+    if every_vm or not cfg.fm.source_vms:
+        return traffic
+    return traffic.where(F.col("vm").isin([v.name for v in cfg.fm_vms]))
 
 
 def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:

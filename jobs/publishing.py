@@ -251,6 +251,14 @@ def teacher_for_day(ds: str | dt.date, cfg: ExfmConfig, spark) -> SnapshotRow | 
         return None
 
 
+def in_fm_warmup(ds: str | dt.date, cfg: ExfmConfig, spark) -> bool:
+    """True while the FM has trained fewer than ``fm.warmup_days`` days before ds: the VMs wait."""
+    if not cfg.fm.warmup_days:
+        return False
+    day = parse_ds(ds)
+    return sum(r.day < day for r in list_snapshots(cfg, spark)) < cfg.fm.warmup_days
+
+
 def check_no_leakage(row: SnapshotRow, day: dt.date) -> None:
     if row.day >= day:
         raise LeakageError(

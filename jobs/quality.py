@@ -392,10 +392,11 @@ def vm_traffic_suite(cfg: ExfmConfig) -> list:
 
 
 def fm_dataset_suite(cfg: ExfmConfig) -> list:
-    """fm_dataset: one row per request of the day's vm_traffic, every VM feature, labels."""
+    """fm_dataset: one row per request of the FM's source VMs of the day, the FM's features, labels."""
     import great_expectations.expectations as gxe
 
-    columns = [*CONTRACT_COLUMNS, *cfg.categorical_features, *cfg.dense_features, *cfg.labels, "source_vms"]
+    features = (*cfg.fm_categorical_features, *cfg.fm_dense_features)
+    columns = [*CONTRACT_COLUMNS, *features, *cfg.labels, "source_vms"]
     exps = [gxe.ExpectColumnToExist(column=c) for c in columns]
     exps += [
         gxe.ExpectTableRowCountToEqual(value=_p("requests")),
@@ -405,7 +406,7 @@ def fm_dataset_suite(cfg: ExfmConfig) -> list:
     # A feature a VM declares carries values; all-null means a VM's view got lost.
     exps += [
         gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(column=c, min_value=0, strict_min=True)
-        for c in (*cfg.categorical_features, *cfg.dense_features)
+        for c in features
     ]
     for label, vms in _label_groups(cfg).items():
         if vms is None:
@@ -491,7 +492,9 @@ def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
             **_trailing_bands(day, cfg, spark),
         }
     if table == FM_DATASET:
-        traffic = read_day(spark, cfg, VM_TRAFFIC, day)
+        from jobs.fm_dataset import fm_traffic
+
+        traffic = fm_traffic(cfg, spark).where(F.col("ds") == day.isoformat())
         return {"requests": traffic.select("request_id").distinct().count()}
     if table == VM_TRAINING:
         traffic = read_day(spark, cfg, VM_TRAFFIC, day)

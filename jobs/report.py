@@ -60,9 +60,9 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     page = out_dir / f"ds={day.isoformat()}.html"
     body = render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir)
-    _write_atomic(page, body)
+    write_atomic(page, body)
     index = out_dir / "index.html"
-    _write_atomic(index, render_index(out_dir, evals))
+    write_atomic(index, render_index(out_dir, evals))
     today = [r for r in evals if r["ds"] == day.isoformat()]
     return {"ds": day.isoformat(), "report": str(page), "index": str(index), "eval_rows": len(today)}
 
@@ -79,6 +79,15 @@ def ne_gains(rows: list[dict]) -> dict[tuple[str, str], float]:
 
     base = {r["vm"]: r["ne"] for r in rows if r["method"] == "none"}
     return {(r["vm"], r["method"]): ne_gain_pct(r["ne"], base[r["vm"]]) for r in rows if r["vm"] in base}
+
+
+def gain_history(history: list[dict]) -> list[dict]:
+    """One row per (day, method but none) of one VM with its NE gain over that day's `none`."""
+    out = []
+    for ds in sorted({r["ds"] for r in history}):
+        gains = ne_gains([r for r in history if r["ds"] == ds])
+        out += [{"ds": ds, "method": m, "ne_gain_pct": g} for (_, m), g in gains.items() if m != "none"]
+    return out
 
 
 def render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path) -> str:
@@ -115,9 +124,24 @@ def render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path)
                 + "".join(trs)
                 + "</table>"
             )
-        parts.append(_figure(_plot(history, "ne", f"{vm.name}: next-day NE by method"), "NE over days"))
+        parts.append(figure(_plot(history, "ne", f"{vm.name}: next-day NE by method"), "NE over days"))
+        # The paper's Fig 5, live: what the FM is worth to this VM day after day, and the
+        # teacher's own quality on the VM's rows next to it.
         parts.append(
-            _figure(_plot(history, "fm_staleness_days", f"{vm.name}: FM staleness (days)"), "FM staleness")
+            figure(
+                _plot(gain_history(history), "ne_gain_pct", f"{vm.name}: NE gain over none (%)"),
+                "The FM's value: NE gain over none by day",
+            )
+        )
+        teacher = [r for r in history if r["method"] == FM_METHOD]
+        if teacher:
+            parts.append(
+                figure(
+                    _plot(teacher, "calibration", f"{vm.name}: teacher calibration"), "Teacher calibration"
+                )
+            )
+        parts.append(
+            figure(_plot(history, "fm_staleness_days", f"{vm.name}: FM staleness (days)"), "FM staleness")
         )
 
     merged = [r for r in evals if r["method"] == FM_MERGED]
@@ -127,7 +151,7 @@ def render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path)
             head = "".join(f"<th>{m}</th>" for m in METRICS)
             cells = "".join(f"<td>{_fmt(r[m])}</td>" for m in METRICS)
             parts.append(f"<table class='eval'><tr>{head}</tr><tr>{cells}</tr></table>")
-        parts.append(_figure(_plot(merged, "ne", "FM: next-day NE on fm_dataset"), "FM NE over days"))
+        parts.append(figure(_plot(merged, "ne", "FM: next-day NE on fm_dataset"), "FM NE over days"))
 
     parts.append("<h2>FM snapshots</h2><table class='snapshots'><tr>")
     parts.append(
@@ -164,7 +188,7 @@ def render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path)
                 f"<td class='{'ok' if ok else 'fail'}'>{'passed' if ok else 'FAILED'}</td></tr>"
             )
         parts.append("</table>")
-    return _page(f"ExFM report {day.isoformat()}", "\n".join(parts))
+    return html_page(f"ExFM report {day.isoformat()}", "\n".join(parts))
 
 
 def render_index(out_dir: Path, evals: list[dict]) -> str:
@@ -185,7 +209,7 @@ def render_index(out_dir: Path, evals: list[dict]) -> str:
             f"<tr><td class='l'><a href='{_e(page.name)}'>{ds}</a></td><td class='l'>{summary}</td></tr>"
         )
     table = "<table><tr><th class='l'>day</th><th class='l'>mean NE gain vs none</th></tr>" + "".join(rows)
-    return _page("ExFM reports", "<h1>ExFM daily reports</h1>" + table + "</table>")
+    return html_page("ExFM reports", "<h1>ExFM daily reports</h1>" + table + "</table>")
 
 
 def _plot(rows: list[dict], metric: str, title: str) -> str:
@@ -212,18 +236,25 @@ def _plot(rows: list[dict], metric: str, title: str) -> str:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.autofmt_xdate()
+    return svg(fig)
+
+
+def svg(fig) -> str:
+    """A matplotlib figure as inline SVG (closed after)."""
+    import matplotlib.pyplot as plt
+
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg") :]  # drop the XML prolog: the SVG sits inside HTML
+    text = buf.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prolog: the SVG sits inside HTML
 
 
-def _figure(svg: str, caption: str) -> str:
-    return f"<figure class='plot'>{svg}<figcaption>{_e(caption)}</figcaption></figure>"
+def figure(svg_text: str, caption: str) -> str:
+    return f"<figure class='plot'>{svg_text}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
         f"<style>{CSS}</style></head><body>{body}</body></html>"
@@ -242,7 +273,7 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Readers (a browser, a static host) never see half a page."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

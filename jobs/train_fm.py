@@ -21,8 +21,8 @@ def new_encoder(cfg: ExfmConfig):
     from models.data import FeatureEncoder
 
     return FeatureEncoder(
-        categorical=(*ID_FEATURES, *cfg.categorical_features),
-        dense=cfg.dense_features,
+        categorical=(*ID_FEATURES, *cfg.fm_categorical_features),
+        dense=cfg.fm_dense_features,
         buckets=cfg.fm.buckets,
         seed=cfg.seeds.train,
     )

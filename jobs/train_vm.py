@@ -125,6 +125,11 @@ def run(
     method = method or t.method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if publishing.in_fm_warmup(day, cfg, spark):
+        raise ValueError(
+            f"ds={day} is in the FM's warm-up (fm.warmup_days={cfg.fm.warmup_days}): "
+            "the VMs start once the FM has trained that many days"
+        )
     uri = snapshots.vm_uri(cfg, vm.name, method, day)
     prev_uri = previous_snapshot(uri.rsplit("/", 1)[0], day, fresh)
     listing = day_files(spark, cfg, VM_TRAINING, day, vm=vm.name)  # once: teacher lineage and the read

@@ -96,3 +96,29 @@ def test_query_renders_and_explains(spark, built):
     cfg, _ = built
     traffic = spark.read.format("delta").load(cfg.table(VM_TRAFFIC))
     assert spark.sql("EXPLAIN " + fm_dataset.query(cfg), args={"ds": DAY}, vm_traffic=traffic).first()[0]
+
+
+def test_control_arm_fm_learns_from_one_vm_and_still_teaches_every_vm(spark, tmp_path):
+    """fm.source_vms=[feed]: the FM dataset holds feed's requests and features only, while the
+    DAS still scores every VM's rows (with the features the FM knows)."""
+    from jobs import das, publishing, train_fm
+    from jobs.lakehouse import VM_TRAINING
+    from tests.conftest import land_days
+
+    cfg = tiny_config(tmp_path, "fm.source_vms=[feed]")
+    days = [parse_ds(DAY), parse_ds("2026-01-02")]
+    land_days(days, cfg, spark)
+    fm = read_day(spark, cfg, FM_DATASET, days[0])
+    feed = read_day(spark, cfg, VM_TRAFFIC, days[0]).where("vm = 'feed'")
+    assert fm.count() == feed.select("request_id").distinct().count()
+    assert {tuple(r.source_vms) for r in fm.select("source_vms").distinct().collect()} == {("feed",)}
+    others = {f for v in cfg.vms for f in v.features} - set(cfg.vm("feed").features)
+    assert others and not others & set(fm.columns)  # the FM never sees another VM's features
+
+    assert train_fm.run(days[0], cfg, spark)["published"]["status"] == "blessed"
+    publishing.update_pointer(cfg, spark)
+    das.run(days[1], cfg, spark)
+    quality.run(VM_TRAINING, days[1], cfg, spark)
+    scored = read_day(spark, cfg, VM_TRAINING, days[1])
+    assert scored.count() == read_day(spark, cfg, VM_TRAFFIC, days[1]).count()
+    assert {r.vm for r in scored.select("vm").distinct().collect()} == {v.name for v in cfg.vms}

@@ -154,6 +154,23 @@ def test_drift_makes_a_frozen_model_worse_every_day(tmp_path):
     assert ne5 - oracle_ne(day5, days[2]) > ne2 - oracle_ne(day2, days[1]) + 0.01
 
 
+def test_what_a_vm_sees_does_not_change_the_oracle(tmp_path):
+    """The registry decides which columns each VM logs, not the true click model: video logging
+    user_segment (the default) or not leaves every true probability as it is."""
+    seen = tiny_config(tmp_path / "seen")
+    assert "user_segment" in seen.vm("video").categorical
+    unseen = tiny_config(
+        tmp_path / "unseen", "vms.2.categorical=[ad_category, advertiser_id, device, hour_bucket]"
+    )
+    for cfg in (seen, unseen):
+        generate.run("2026-01-03", cfg)
+    a, b = (pd.read_parquet(f"{cfg.truth}/ds=2026-01-03") for cfg in (seen, unseen))
+    pd.testing.assert_frame_equal(a, b)
+    assert "user_segment" in _landing(seen, "2026-01-03", "video") and "user_segment" not in _landing(
+        unseen, "2026-01-03", "video"
+    )
+
+
 def test_rejects_unknown_features_and_days_before_start(tmp_path):
     with pytest.raises(ValueError, match="cannot make features"):
         generate.run("2026-01-01", tiny_config(tmp_path, "vms.0.dense.0=mystery"))

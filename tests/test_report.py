@@ -55,6 +55,7 @@ def test_report_lists_every_vm_with_gains_and_links_days(written):
         assert f"id='vm-{vm.name}'" in html
     # (0.95 - 0.93) / 0.95 = +2.11% for ah_sa, (0.95 - 0.9) / 0.95 = +5.26% for the FM
     assert "+2.11%" in html and "+5.26%" in html
+    assert html.count("The FM&#x27;s value: NE gain over none by day") == len(cfg.vms)
     index = open(pages[-1]["index"], encoding="utf-8").read()
     assert all(f"ds={ds}.html" in index for ds in DAYS) and "ah_sa: +2.11%" in index
 
@@ -92,7 +93,7 @@ def test_report_renders_tables_and_plots_in_headless_chromium(written):
             rows = table.find_elements(By.TAG_NAME, "tr")
             assert len(rows) == 4 and table.size["height"] > 50  # header + none, ah_sa, fm
         plots = driver.find_elements(By.CSS_SELECTOR, "figure.plot svg")
-        assert len(plots) == 6  # NE and staleness per VM
+        assert len(plots) == 12  # per VM: NE, staleness, gain over none by day, teacher calibration
         for svg in plots:
             assert svg.size["width"] > 200 and svg.size["height"] > 100
             assert svg.find_elements(By.CSS_SELECTOR, "path, polyline, line")  # the drawn lines
