@@ -57,21 +57,3 @@ def test_a_rejected_first_fm_means_a_cold_start_and_never_scores(spark, tmp_path
     for vm in cfg.vms:
         fm = evals[(vm.name, "fm")]
         assert fm.teacher_snapshot_id == blessed["snapshot_id"] and fm.fm_staleness_days == 0
-
-
-def test_vms_wait_for_the_fm_warmup(spark, tmp_path):
-    """fm.warmup_days=1: no VM trains before the FM has a day behind it; then they start with its scores."""
-    cfg = tiny_config(tmp_path, "fm.warmup_days=1")
-    land_days(DAYS[:2], cfg, spark)
-    with pytest.raises(ValueError, match="warm-up"):
-        train_vm.run(DAYS[0], "feed", cfg, spark, method="ah_sa")
-    assert publishing.in_fm_warmup(DAYS[0], cfg, spark)
-    fm = train_fm.run(DAYS[0], cfg, spark)["published"]
-    publishing.update_pointer(cfg, spark)
-    assert not publishing.in_fm_warmup(DAYS[1], cfg, spark)
-    das.run(DAYS[1], cfg, spark)
-    quality.run(VM_TRAINING, DAYS[1], cfg, spark)
-    out = train_vm.run(
-        DAYS[1], "feed", cfg, spark, method="ah_sa"
-    )  # a fresh chain, taught from its first day
-    assert not out["cold_start"] and out["teacher_snapshot_id"] == fm["snapshot_id"]

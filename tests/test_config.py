@@ -36,6 +36,8 @@ def test_env_then_cli_overrides_win_in_that_order():
         ("synthetic.base_ctr.nope=0.1", "nope"),
         ("synthetic.shared_rate=1.5", "synthetic.shared_rate"),
         ("spark.masterr=local", "spark.masterr"),  # typos are errors, not silently ignored
+        ("fm.source_vms=[feed, nope]", "nope"),  # the control arm names a VM of the registry
+        ("fm.warmup_days=-1", "fm.warmup_days"),
     ],
 )
 def test_bad_config_fails_at_load_naming_the_field(override, names):

@@ -98,14 +98,15 @@ def test_query_renders_and_explains(spark, built):
     assert spark.sql("EXPLAIN " + fm_dataset.query(cfg), args={"ds": DAY}, vm_traffic=traffic).first()[0]
 
 
-def test_control_arm_fm_learns_from_one_vm_and_still_teaches_every_vm(spark, tmp_path):
+def test_control_arm_fm_after_its_warmup_teaches_every_vm(spark, tmp_path):
     """fm.source_vms=[feed]: the FM dataset holds feed's requests and features only, while the
-    DAS still scores every VM's rows (with the features the FM knows)."""
-    from jobs import das, publishing, train_fm
+    DAS still scores every VM's rows (with the features the FM knows). fm.warmup_days=1: no VM
+    trains before the FM has a day behind it; then they start with its scores."""
+    from jobs import das, publishing, train_fm, train_vm
     from jobs.lakehouse import VM_TRAINING
     from tests.conftest import land_days
 
-    cfg = tiny_config(tmp_path, "fm.source_vms=[feed]")
+    cfg = tiny_config(tmp_path, "fm.source_vms=[feed]", "fm.warmup_days=1")
     days = [parse_ds(DAY), parse_ds("2026-01-02")]
     land_days(days, cfg, spark)
     fm = read_day(spark, cfg, FM_DATASET, days[0])
@@ -115,10 +116,17 @@ def test_control_arm_fm_learns_from_one_vm_and_still_teaches_every_vm(spark, tmp
     others = {f for v in cfg.vms for f in v.features} - set(cfg.vm("feed").features)
     assert others and not others & set(fm.columns)  # the FM never sees another VM's features
 
-    assert train_fm.run(days[0], cfg, spark)["published"]["status"] == "blessed"
+    assert publishing.in_fm_warmup(days[0], cfg, spark)
+    with pytest.raises(ValueError, match="warm-up"):
+        train_vm.run(days[0], "video", cfg, spark, method="ah_sa")
+    snapshot = train_fm.run(days[0], cfg, spark)["published"]
+    assert snapshot["status"] == "blessed"
     publishing.update_pointer(cfg, spark)
+    assert not publishing.in_fm_warmup(days[1], cfg, spark)
     das.run(days[1], cfg, spark)
     quality.run(VM_TRAINING, days[1], cfg, spark)
     scored = read_day(spark, cfg, VM_TRAINING, days[1])
     assert scored.count() == read_day(spark, cfg, VM_TRAFFIC, days[1]).count()
     assert {r.vm for r in scored.select("vm").distinct().collect()} == {v.name for v in cfg.vms}
+    out = train_vm.run(days[1], "video", cfg, spark, method="ah_sa")  # a new chain, taught from day one
+    assert not out["cold_start"] and out["teacher_snapshot_id"] == snapshot["snapshot_id"]
