@@ -268,10 +268,6 @@ class ExfmConfig(_Frozen):
     def fm_dense_features(self) -> tuple[str, ...]:
         return _ordered_union(v.dense for v in self.fm_vms)
 
-    @property
-    def fm_labels(self) -> tuple[str, ...]:
-        return _ordered_union((v.label,) for v in self.fm_vms)
-
     def table(self, name: str) -> str:
         """Location of a Delta table under the lakehouse root."""
         return f"{_absolute(self.lakehouse_root)}/{name}"

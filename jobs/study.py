@@ -149,9 +149,7 @@ def _run_one(
     from jobs.spark import build_spark
 
     if not logging.getLogger().handlers:  # a spawned worker: log like the CLI does
-        logging.basicConfig(
-            level=logging.INFO, format=f"%(asctime)s %(levelname)s [{arm}/seed={seed}] %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = run_config(cfg_path, base, spec, arm, seed)
     root = Path(cfg.lakehouse_root).parent
     done = root / "_done.json"
@@ -161,6 +159,7 @@ def _run_one(
         return {**status, "ran": False}
     shutil.rmtree(root, ignore_errors=True)  # a changed or interrupted run starts over
     torch.set_num_threads(threads)
+    log.info("study %s: run %s/seed=%s starts in %s", spec.name, arm, seed, root)
     t0 = time.perf_counter()
     run_days(cfg, build_spark(cfg), spec.days, fresh_vms=spec.fresh_vms)
     done.write_text(json.dumps(stamp))
