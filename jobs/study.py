@@ -294,11 +294,12 @@ def sorted_summary(spec: StudySpec, rows: list[dict]) -> list[dict]:
 
 def summary_text(spec: StudySpec, rows: list[dict]) -> str:
     """The page's table as text (mean ± std over seeds), for the terminal and notes."""
-    lines = [f"{'vm':8} {'arm':14} {'method':10} {'NE':>17} {'gain vs none %':>16} {'calibration':>14}"]
+    w = max(len(a) for a in spec.arms)
+    lines = [f"{'vm':8} {'arm':{w}} {'method':10} {'NE':>17} {'gain vs none %':>16} {'calibration':>14}"]
     for r in sorted_summary(spec, rows):
         gain = f"{r['ne_gain_pct']:+.2f} ± {r['ne_gain_pct_std']:.2f}" if "ne_gain_pct" in r else ""
         lines.append(
-            f"{r['vm']:8} {r['arm']:14} {r['method']:10} {r['ne']:.4f} ± {r['ne_std']:.4f} {gain:>16} "
+            f"{r['vm']:8} {r['arm']:{w}} {r['method']:10} {r['ne']:.4f} ± {r['ne_std']:.4f} {gain:>16} "
             f"{r['calibration']:.3f} ± {r['calibration_std']:.3f}"
         )
     return "\n".join(lines)
