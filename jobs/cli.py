@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"exfm: {e}", file=sys.stderr)
         return 2
-    args.func(cfg, args)
+    try:
+        args.func(cfg, args)
+    except ConfigError as e:  # e.g. a study file that does not exist or does not validate
+        print(f"exfm: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
