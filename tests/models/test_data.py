@@ -60,6 +60,13 @@ def test_hash_strings_follows_its_rule_whatever_the_batch():
     assert list(hash_strings(chunked, 5)) == list(hashed)
     assert hash_strings(pa.array([123]), 5)[0] == hashed[-1]  # an id logged as a number hashes as its text
     assert not (hash_strings(arr, 6) == hashed).all()  # seeded
+    # The paths by value length: one length (request ids), a few, more than _LENGTH_GROUPS.
+    for batch in (
+        [f"r{i:08d}" for i in range(50)],
+        [f"u{i}" for i in range(0, 5000, 37)],
+        ["y" * n + "é" for n in range(40)],
+    ):
+        assert [int(h) for h in hash_strings(pa.array(batch), 5)] == [_reference_hash(v, 5) for v in batch]
     spread = np.unique(hash_strings(pa.array([f"u{i}" for i in range(20_000)]), 1) % 1000)
     assert len(spread) == 1000  # sequential ids fill every bucket
 
