@@ -34,10 +34,13 @@ def _ctx():
 
 
 def _with_spark_connection(cfg):
-    """The `spark_default` connection, if defined, sets the Spark master (and extra spark.* conf).
+    """The `spark_default` connection, if defined, says where the jobs' Spark is.
 
-    Pointing that connection at a cluster (spark://host:7077, yarn, k8s://...) is the only change
-    needed to run the jobs there; without it the config's master (local[*]) is used.
+    A Spark Connect connection (type `spark_connect`, or the URI sc://host:port) makes every task a
+    thin client of that server (config `spark.remote`); a Spark connection (spark://host:7077,
+    yarn, k8s://...) sets the master of a driver per task, with extra spark.* conf. That
+    connection is the only change needed to run the jobs on a cluster; without it the config
+    decides (`spark.remote`, else `spark.master`, local[*]).
     """
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
@@ -46,7 +49,11 @@ def _with_spark_connection(cfg):
         conn = Connection.get("spark_default")
     except AirflowNotFoundException:
         return cfg
-    master = conn.host or cfg.spark.master
+    host = conn.host or ""
+    if conn.conn_type in ("spark_connect", "sc") or host.startswith("sc://"):  # "sc": a URI sc://host:port
+        remote = f"sc://{host.removeprefix('sc://')}" + (f":{conn.port}" if conn.port else "")  # else 15002
+        return cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"remote": remote})})
+    master = host or cfg.spark.master
     if conn.conn_type == "spark" and "://" not in master and not master.startswith(("local", "yarn")):
         master = f"spark://{master}"
     if conn.port:

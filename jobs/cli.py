@@ -214,6 +214,12 @@ def _gains(cfg: ExfmConfig, day: dt.date) -> str:
     )
 
 
+def cmd_spark_server(cfg: ExfmConfig, args) -> None:
+    from jobs.spark import serve
+
+    serve(cfg, port=args.port, host=args.host)
+
+
 def _print(result: dict) -> None:
     print(json.dumps(result, default=str), flush=True)
 
@@ -289,6 +295,14 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", parents=[common], help="HTML report of ds (and the index of all days)")
     sp.add_argument("--ds", required=True)
     sp.set_defaults(func=cmd_report)
+    sp = sub.add_parser(
+        "spark-server",
+        parents=[common],
+        help="a Spark Connect server with Delta, in the foreground (jobs use it with spark.remote)",
+    )
+    sp.add_argument("--port", type=int, default=15002)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sp.set_defaults(func=cmd_spark_server)
     sp = sub.add_parser("snapshots", parents=[common], help="list FM snapshots and the pointer")
     sp.set_defaults(func=cmd_snapshots)
     sp = sub.add_parser(

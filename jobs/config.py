@@ -72,6 +72,10 @@ class VmSpec(_Frozen):
 
 class SparkSettings(_Frozen):
     master: str = "local[*]"
+    # sc://host:port of a Spark Connect server (`./exfm spark-server`): the jobs are thin clients
+    # of it instead of starting a driver JVM each; master, jars and driver_memory are then the
+    # server's business.
+    remote: str | None = Field(None, pattern=r"^sc://[^/\s]+$")
     app_name: str = "exfm"
     shuffle_partitions: int = Field(4, ge=1)
     driver_memory: str = "2g"

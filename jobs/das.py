@@ -25,47 +25,57 @@ from jobs import fm_dataset, publishing, quality, snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING, read_day
 
-SCORE_SCHEMA = "request_id string, teacher_logit double, teacher_score double"
+# score_batch / model_load: 1 on the first row of each scored batch / of a worker's first batch
+# after it loaded the snapshot. Counters that ride with the rows, because a Spark Connect
+# client has no accumulators.
+SCORE_SCHEMA = (
+    "request_id string, teacher_logit double, teacher_score double, score_batch byte, model_load byte"
+)
 
 # Per Python worker process: sha256 -> (model, encoder). Spark reuses a worker across tasks
 # (spark.python.worker.reuse), so a snapshot is read and deserialised once per worker.
 _TEACHER: dict[str, tuple] = {}
 
 
-def _teacher(uri: str, sha256: str, loads) -> tuple:
-    if sha256 not in _TEACHER:
-        from jobs.train_fm import build_model
-        from models.data import FeatureEncoder
+def _teacher(uri: str, sha256: str) -> tuple:
+    """(model, encoder, loaded now) of the snapshot, loaded once per worker."""
+    if sha256 in _TEACHER:
+        return (*_TEACHER[sha256], False)
+    from jobs.train_fm import build_model
+    from models.data import FeatureEncoder
 
-        snap = snapshots.load(uri)
-        if snap.meta["sha256"] != sha256:
-            raise snapshots.SnapshotError(f"{uri} holds sha256 {snap.meta['sha256']}, expected {sha256}")
-        model = build_model(snap.meta["model_config"])
-        model.load_state_dict(snap.state["model"])
-        model.eval()
-        _TEACHER.clear()  # one snapshot per worker at a time
-        _TEACHER[sha256] = (model, FeatureEncoder.from_state(snap.meta["encoder"]))
-        loads.add(1)
-    return _TEACHER[sha256]
+    snap = snapshots.load(uri)
+    if snap.meta["sha256"] != sha256:
+        raise snapshots.SnapshotError(f"{uri} holds sha256 {snap.meta['sha256']}, expected {sha256}")
+    model = build_model(snap.meta["model_config"])
+    model.load_state_dict(snap.state["model"])
+    model.eval()
+    _TEACHER.clear()  # one snapshot per worker at a time
+    _TEACHER[sha256] = (model, FeatureEncoder.from_state(snap.meta["encoder"]))
+    return (*_TEACHER[sha256], True)
 
 
-def score_batches(batches: Iterator, *, uri: str, sha256: str, batch_size: int, loads, scored) -> Iterator:
-    """mapInArrow body: Arrow batches of requests -> (request_id, teacher_logit, teacher_score)."""
+def score_batches(batches: Iterator, *, uri: str, sha256: str, batch_size: int) -> Iterator:
+    """mapInArrow body: Arrow batches of requests -> SCORE_SCHEMA (the snapshot's scores)."""
+    import numpy as np
     import pyarrow as pa
     import torch
 
-    model, encoder = _teacher(uri, sha256, loads)
     with torch.no_grad():
         for rb in batches:
             for start in range(0, rb.num_rows, batch_size):
+                model, encoder, loaded = _teacher(uri, sha256)  # in a task with rows only
                 part = rb.slice(start, batch_size)
                 logit = teacher_logits(model, encoder, part)
-                scored.add(1)
+                first = np.zeros(part.num_rows, np.int8)
+                first[0] = 1
                 yield pa.RecordBatch.from_pydict(
                     {
                         "request_id": part.column("request_id"),
                         "teacher_logit": logit.double().numpy(),
                         "teacher_score": torch.sigmoid(logit).double().numpy(),
+                        "score_batch": first,
+                        "model_load": first * loaded,
                     }
                 )
 
@@ -96,26 +106,24 @@ def run(
     columns = [c for c in FeatureEncoder.from_state(snap.meta["encoder"]).columns if c in requests.columns]
 
     t_score = time.perf_counter()
-    loads, scored = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
-    scorer = functools.partial(
-        score_batches,
-        uri=row.uri,
-        sha256=row.sha256,
-        batch_size=cfg.das.batch_size,
-        loads=loads,
-        scored=scored,
-    )
+    scorer = functools.partial(score_batches, uri=row.uri, sha256=row.sha256, batch_size=cfg.das.batch_size)
     # Checkpointed: the staging write reads its source twice (range sample, write); the FM
     # scores each request once.
-    scores = requests.select("request_id", *columns).mapInArrow(scorer, SCORE_SCHEMA).localCheckpoint()
-    n_requests = scores.count()
+    scored = requests.select("request_id", *columns).mapInArrow(scorer, SCORE_SCHEMA).localCheckpoint()
+    counts = scored.agg(
+        F.count("*").alias("requests"),
+        F.sum("score_batch").alias("batches"),
+        F.sum("model_load").alias("loads"),
+    ).first()
     scoring_s = time.perf_counter() - t_score
+    n_requests = counts["requests"]
+    scores = scored.drop("score_batch", "model_load")
 
     traffic = read_day(spark, cfg, VM_TRAFFIC, day)
     source = traffic.join(scores, "request_id").withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
     quality.stage(source, cfg, VM_TRAINING, day)
     rows = quality.staged_day(spark, cfg, VM_TRAINING, day).groupBy("vm").count().collect()
-    scores.unpersist()
+    scored.unpersist()
     seconds = time.perf_counter() - t0
     return {
         "ds": day.isoformat(),
@@ -124,8 +132,8 @@ def run(
         "fm_staleness_days": (day - row.day).days,
         "rows": {r["vm"]: r["count"] for r in sorted(rows)},
         "requests_scored": n_requests,
-        "model_loads": loads.value,
-        "score_batches": scored.value,
+        "model_loads": counts["loads"] or 0,
+        "score_batches": counts["batches"] or 0,
         "scoring_rows_per_s": round(n_requests / max(scoring_s, 1e-9)),
         "seconds": round(seconds, 2),
     }

@@ -12,11 +12,12 @@ failure changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import defaultdict
 
 from jobs import quality
 from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
-from jobs.lakehouse import VM_TRAFFIC, quote, table_version
+from jobs.lakehouse import VM_TRAFFIC, filesystem, quote, table_version
 
 FORMATS = ("parquet", "csv")
 MAX_REPORTED = 10  # problems listed in one error message
@@ -37,7 +38,7 @@ def contract_types(cfg: ExfmConfig) -> dict[str, str]:
 
 def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     day = parse_ds(ds)
-    files = _landing_files(spark, cfg, day)
+    files = _landing_files(cfg, day)
     raw = _read_and_cast(spark, cfg, day, files)
     stats = _check_contract(raw, cfg, files)
     from pyspark.sql import Window
@@ -68,22 +69,24 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     }
 
 
-def _landing_files(spark, cfg: ExfmConfig, day: dt.date) -> dict[str, list[tuple[str, str]]]:
-    """VM name -> [(path, format)] of the day's landing files, listed through Hadoop's FS layer.
+def _landing_files(cfg: ExfmConfig, day: dt.date) -> dict[str, list[tuple[str, str]]]:
+    """VM name -> [(path, format)] of the day's landing files, listed from storage.
 
-    Listed with the Hadoop FileSystem (any Hadoop path, s3a:// too) rather than a Spark reader,
-    which silently skips 0-byte files: an empty export must stop the run, not vanish.
+    Listed with pyarrow's filesystems (a local path, s3a:// too) rather than a Spark reader,
+    which silently skips 0-byte files (an empty export must stop the run, not vanish), and
+    without the driver's JVM, which a Spark Connect client does not have.
     """
+    from pyarrow import fs as pafs
+
     day_dir = f"{cfg.landing}/ds={day.isoformat()}"
-    jvm = spark.sparkContext._jvm
-    root = jvm.org.apache.hadoop.fs.Path(day_dir)
-    fs = root.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.exists(root):
+    fs, root = filesystem(day_dir)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise ContractError(f"no landing data for ds={day}: {day_dir} does not exist")
-    listing, found = [], fs.listFiles(root, True)
-    while found.hasNext():
-        status = found.next()
-        listing.append((status.getPath().toString(), status.getLen()))
+    listing = [
+        (f"{day_dir}/{f.path[len(root.rstrip('/')) + 1 :]}", f.size)  # the configured scheme, for Spark
+        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File
+    ]
     files: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for path, length in listing:
         rel = path.split(f"/ds={day.isoformat()}/", 1)[-1]
@@ -161,6 +164,11 @@ def _schema(spark, path: str, fmt: str):
     return schema
 
 
+def _local(path: str) -> str:
+    """A listed path and Spark's ``_metadata.file_path`` of it (file:/p, file:///p) compare equal."""
+    return re.sub(r"^file:(//)?(?=/)", "", path)
+
+
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -209,12 +217,12 @@ def _check_contract(raw, cfg: ExfmConfig, files: dict[str, list[tuple[str, str]]
         ) from None
 
     # A file with a header or schema but no rows is a broken export, not a quiet day.
-    read = {row["_file"] for row in per_file}
+    read = {_local(row["_file"]) for row in per_file}
     problems = [
         f"landing file {path}: has no rows (empty file)"
         for paths in files.values()
         for path, _ in paths
-        if path not in read
+        if _local(path) not in read
     ]
     for row in per_file:
         for i, (col, rule, _) in enumerate(rules):

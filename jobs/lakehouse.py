@@ -97,12 +97,22 @@ def read_day(spark, cfg: ExfmConfig, table: str, ds: dt.date):
 
 def table_version(spark, cfg: ExfmConfig, table: str) -> int | None:
     """Current Delta version of a table, or None if it does not exist yet."""
-    from delta.tables import DeltaTable
-
-    path = cfg.table(table)
-    if not DeltaTable.isDeltaTable(spark, path):
+    if not is_delta(cfg.table(table)):
         return None
-    return DeltaTable.forPath(spark, path).history(1).first()["version"]
+    return spark.sql(f"DESCRIBE HISTORY {table_ref(cfg, table)} LIMIT 1").first()["version"]
+
+
+def is_delta(uri: str) -> bool:
+    """Whether a Delta table lives at ``uri``: its log holds a commit. Read from storage, because
+    ``DeltaTable.isDeltaTable`` needs the Delta Connect server plugin on a Spark Connect session."""
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem(uri.removeprefix("file:"))
+    try:
+        log_files = fs.get_file_info(pafs.FileSelector(f"{path}/_delta_log", allow_not_found=True))
+    except NotADirectoryError:
+        return False
+    return any(f.base_name.endswith(".json") or ".checkpoint." in f.base_name for f in log_files)
 
 
 ARRIVAL = ("event_ts", "request_id")  # the order training reads a day in; request_id breaks ties
@@ -126,9 +136,7 @@ def day_files(
     spark, cfg: ExfmConfig, table: str, ds: dt.date, *, vm: str | None = None, ordered: bool = True
 ):
     """List one day's files (one Delta metadata query) for ``arrow_day`` and ``day_values``."""
-    from delta.tables import DeltaTable
-
-    if not DeltaTable.isDeltaTable(spark, cfg.table(table)):
+    if not is_delta(cfg.table(table)):
         return DayFiles([])
     return DayFiles(_direct_files(spark, cfg, table, _day(spark, cfg, table, ds, vm), ordered))
 
@@ -318,8 +326,10 @@ def filesystem(uri: str):
 
 def delta_conflicts() -> tuple[type[Exception], ...]:
     """Delta's failed optimistic commits. Not one hierarchy: ConcurrentAppendException, for one,
-    is no DeltaConcurrentModificationException in Python. Importing delta.exceptions is also what
-    makes PySpark raise them instead of a bare Py4JJavaError, so call this before committing."""
+    is no DeltaConcurrentModificationException in Python. Importing delta.exceptions (and, for a
+    Spark Connect session, delta.connect.exceptions) is also what makes PySpark raise them instead
+    of a bare Py4JJavaError or SparkConnectGrpcException, so call this before committing."""
+    import delta.connect.exceptions  # noqa: F401 - registers the Spark Connect conversion
     from delta import exceptions
 
     return tuple(getattr(exceptions, name) for name in exceptions.__all__)

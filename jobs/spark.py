@@ -38,8 +38,36 @@ def delta_coordinate() -> str:
     return f"io.delta:delta-spark_{spark_minor}_{SCALA}:{importlib.metadata.version('delta-spark')}"
 
 
+def _session_conf(cfg: ExfmConfig) -> dict[str, str]:
+    """The SQL settings every job's session needs, on a local driver or a Spark Connect session."""
+    return {
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        # Days are UTC days: event_ts must not shift with the machine's time zone.
+        "spark.sql.session.timeZone": "UTC",
+        # Delta's SQL parser drops the parameters of spark.sql(args=...) on Spark >= 4.1
+        # (delta-io/delta#7640); the legacy substitution binds them before parsing.
+        "spark.sql.legacy.parameterSubstitution.constantsOnly": "true",
+        # INT96 (the default) has no min/max statistics; readers order files by event_ts stats.
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    }
+
+
 def build_spark(cfg: ExfmConfig):
-    """Get or create the SparkSession described by ``cfg.spark``, with Delta enabled."""
+    """Get or create the SparkSession described by ``cfg.spark``, with Delta enabled: a Spark
+    Connect session when ``spark.remote`` is set, else a driver of its own (``spark.master``)."""
+    from pyspark.sql import SparkSession
+
+    if cfg.spark.remote:
+        builder = SparkSession.builder.remote(cfg.spark.remote)
+        for key, value in _session_conf(cfg).items():
+            builder = builder.config(key, value)
+        return builder.getOrCreate()
+    spark = _driver_builder(cfg).getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def _driver_builder(cfg: ExfmConfig):
     from pyspark.sql import SparkSession
 
     s = cfg.spark
@@ -50,22 +78,45 @@ def build_spark(cfg: ExfmConfig):
         .config("spark.jars", ",".join(str(p) for p in delta_jars(s.jars_dir, s.jars_cache)))
         .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-        .config("spark.sql.shuffle.partitions", str(s.shuffle_partitions))
         .config("spark.driver.memory", s.driver_memory)
-        # Days are UTC days: event_ts must not shift with the machine's time zone.
-        .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.showConsoleProgress", "false")
-        # Delta's SQL parser drops the parameters of spark.sql(args=...) on Spark >= 4.1
-        # (delta-io/delta#7640); the legacy substitution binds them before parsing.
-        .config("spark.sql.legacy.parameterSubstitution.constantsOnly", "true")
-        # INT96 (the default) has no min/max statistics; readers order files by event_ts stats.
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     )
-    for key, value in s.conf.items():
+    for key, value in {**_session_conf(cfg), **s.conf}.items():
         builder = builder.config(key, value)
+    return builder
+
+
+def is_connect(spark) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no JVM, no SparkContext in this process)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def serve(cfg: ExfmConfig, port: int = 15002, host: str = "127.0.0.1") -> None:
+    """Run a Spark Connect server with Delta in the foreground until SIGTERM/SIGINT.
+
+    One driver JVM for every job that connects (``spark.remote: sc://host:port``): the jobs pay
+    no JVM start and no cold JIT. Its Python workers (``mapInArrow``: the DAS's torch scorer)
+    run this interpreter with this clone on the path, so the client's functions import here.
+    """
+    import signal
+    import threading
+
+    builder = (
+        _driver_builder(cfg)
+        .config("spark.plugins", "org.apache.spark.sql.connect.SparkConnectPlugin")
+        .config("spark.connect.grpc.binding.address", host)
+        .config("spark.connect.grpc.binding.port", str(port))
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.pyspark.driver.python", sys.executable)
+    )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    return spark
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"spark-server: Spark Connect with Delta on sc://{host}:{port} (Ctrl-C stops it)", flush=True)
+    stop.wait()
+    spark.stop()
 
 
 def _require_java() -> None:

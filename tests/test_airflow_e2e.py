@@ -1,10 +1,13 @@
 """End to end: the real Airflow services (`./exfm airflow-local`) backfill three days of exfm_daily.
 
-Scheduler, api-server and dag-processor run in a temporary AIRFLOW_HOME on SQLite, on loopback and a
-free port, with the repository's dags/ and a one-VM tiny config; `airflow backfill create` makes the
-runs, the REST API v2 reports them, and the Delta tables of every task that ran are checked. Then the
-middle day is cleared and run again, and the same days are run one by one (`exfm demo`, dag.test per
-day) into a second lakehouse: both must leave exactly the tables the backfill left.
+A Spark Connect server, scheduler, api-server and dag-processor run in a temporary AIRFLOW_HOME with
+the metadata DB on Postgres (`airflow-local --postgres`), on loopback and free ports, with the
+repository's dags/ and a one-VM tiny config; every task is a Spark Connect client of the one
+server. `airflow backfill create` makes the runs, the REST API v2 reports them, and the Delta
+tables of every task that ran are checked. Then the middle day is cleared and run again, and the
+same days are run one by one (`exfm demo`, dag.test per day, in one process with its own local
+driver) into a second lakehouse: both must leave exactly the tables the backfill left, so Spark
+Connect and a classic driver write the same tables.
 Also a static check of docker/docker-compose.yaml (no Docker engine needed).
 """
 
@@ -16,6 +19,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +45,8 @@ from tests.conftest import REPO
 from tests.test_ingest import checksum
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
-TIMEOUT_S = 50 * 60  # ~15 tasks a day, each its own Spark JVM, two at a time: minutes on a busy machine
+COMPONENTS = ("spark-server", "api-server", "scheduler", "dag-processor")
+TIMEOUT_S = 40 * 60  # ~15 tasks a day, two at a time: minutes on a busy machine
 # Each table's key: a re-run must replace, never add, rows.
 KEYS = {
     VM_TRAFFIC: ["ds", "vm", "request_id"],
@@ -66,8 +71,8 @@ def _write_config(tmp: Path) -> Path:
         raw["quality"]["dense_ranges"] = {k: r for k, r in ranges.items() if k in vm["dense"]}
     raw["synthetic"].update(rows_per_day=1500, rows_per_file=1000, users=300, ads=100, duplicate_rate=0.01)
     raw["synthetic"]["base_ctr"] = {"video": raw["synthetic"]["base_ctr"]["video"]}
-    raw["spark"].update(master="local[1]", shuffle_partitions=2)
-    # No Spark UI: a task's JVM starts faster and opens no port.
+    raw["spark"].update(master="local[2]", shuffle_partitions=2)
+    # No Spark UI: a driver starts faster and opens no port.
     raw["spark"]["conf"]["spark.ui.enabled"] = "false"
     raw["das"]["blessing"].update(holdout_fraction=0.2, ne_tolerance=0.05)
     for name in ("lakehouse", "landing", "truth"):
@@ -178,10 +183,18 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
     for ds in DAYS:
         generate.run(ds, cfg)
     home, port = tmp_path / "airflow", _free_port()
+    home.mkdir()
+    if os.geteuid() == 0:  # Postgres runs as the postgres user, which must reach its data dir
+        for folder in (home, *home.parents):
+            if folder == Path(tempfile.gettempdir()):
+                break
+            folder.chmod(folder.stat().st_mode | 0o011)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EXFM__", "EXFM_CONFIG"))}
     env.update(
         AIRFLOW_HOME=str(home),
         EXFM_AIRFLOW_PORT=str(port),
+        EXFM_SPARK_PORT=str(_free_port()),
+        EXFM_POSTGRES_PORT=str(_free_port()),
         EXFM_CONFIG=str(config),
         EXFM_CATCHUP="False",  # the DAG's catchup: only the backfill makes runs
         EXFM__SPARK__JARS_CACHE=os.environ.get("EXFM__SPARK__JARS_CACHE", "~/.cache/exfm/jars"),
@@ -190,14 +203,14 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
         # The days are in the past: no scheduled run for "today", the backfill's runs only.
         AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
-        AIRFLOW__CORE__PARALLELISM="2",  # two Spark JVMs at a time on two cores
+        AIRFLOW__CORE__PARALLELISM="2",  # two tasks at a time on two cores
         AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG="2",
         # Parsed once at start; re-parsing the file would only take CPU from the tasks.
         AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="600",
     )
     # Its own process group, so that the finally below stops every process it started.
     services = subprocess.Popen(
-        [str(REPO / "exfm"), "airflow-local", "api-server", "scheduler", "dag-processor"],
+        [str(REPO / "exfm"), "airflow-local", "--postgres", *COMPONENTS],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -247,6 +260,7 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
         except ProcessLookupError:
             pass
 
+    assert (home / "postgres" / "PG_VERSION").exists() and not (home / "airflow.db").exists()  # not SQLite
     retried = sorted({f"{ti['dag_run_id']}: {ti['task_id']}" for ti in tis if ti["try_number"] > 1})
     if retried:  # passed, but say so: a retry can hide a race between tasks
         warnings.warn(f"exfm_daily tasks that needed a retry: {retried}", stacklevel=1)
