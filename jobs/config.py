@@ -133,6 +133,12 @@ class FmSettings(_Frozen):
     # The VMs whose traffic and features the FM learns from (empty: every VM). One VM is the
     # control arm: the FM has that VM's data and features only, so any gain is capacity's.
     source_vms: tuple[Identifier, ...] = ()
+    # Data-parallel training of the FM: this many processes (torch.distributed, gloo), launched
+    # by Spark's TorchDistributor; each takes its slice of every batch, so the pass is the same
+    # one pass over the day. On the task's machine, or as Spark barrier tasks on the cluster's
+    # executors with ranks_on_executors (they must see the lakehouse at the same path).
+    num_processes: int = Field(1, ge=1)
+    ranks_on_executors: bool = False
 
 
 class VmTrainSettings(_Frozen):

@@ -127,9 +127,12 @@ class DayFiles:
     ``direct``: the day's files of the table's current version (``inputFiles()``,
     partition-pruned), in arrival order when listed ``ordered``; None when the files alone would
     be wrong (out of order, deletion vectors, column mapping) and Spark must read the day.
+    ``schema``: the table's columns as Arrow types, so a process without Spark (a training rank)
+    can read the files (``arrow_day(None, ...)``).
     """
 
     direct: list[str] | None
+    schema: object = None  # pyarrow.Schema
 
 
 def day_files(
@@ -138,7 +141,15 @@ def day_files(
     """List one day's files (one Delta metadata query) for ``arrow_day`` and ``day_values``."""
     if not is_delta(cfg.table(table)):
         return DayFiles([])
-    return DayFiles(_direct_files(spark, cfg, table, _day(spark, cfg, table, ds, vm), ordered))
+    df = _day(spark, cfg, table, ds, vm)
+    return DayFiles(_direct_files(spark, cfg, table, df, ordered), _arrow_schema(df.schema))
+
+
+def _arrow_schema(schema):
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return pa.schema([(f.name, to_arrow_type(f.dataType, timezone="UTC")) for f in schema.fields])
 
 
 def _day(spark, cfg: ExfmConfig, table: str, ds: dt.date, vm: str | None):
@@ -194,12 +205,18 @@ def arrow_day(
     reads as nulls.
     """
     import pyarrow as pa
-    from pyspark.sql.pandas.types import to_arrow_type
 
-    df = _day(spark, cfg, table, ds, vm)
-    wanted = [c for c in dict.fromkeys([*columns, *(ARRIVAL if ordered else ())]) if c in df.columns]
+    if files is not None and files.schema is not None:  # listed already: no Spark needed to read
+        df, table_schema = None, files.schema
+    else:
+        df = _day(spark, cfg, table, ds, vm)
+        table_schema = _arrow_schema(df.schema)
+    wanted = [c for c in dict.fromkeys([*columns, *(ARRIVAL if ordered else ())]) if c in table_schema.names]
     direct = (files or DayFiles(_direct_files(spark, cfg, table, df, ordered))).direct
     if direct is None:
+        if spark is None:
+            raise ValueError(f"{table} ds={ds}: its files alone cannot be read in order, only Spark can")
+        df = _day(spark, cfg, table, ds, vm) if df is None else df
         log.info(
             "%s ds=%s%s: files not in arrival order, Spark sorts the day",
             table,
@@ -210,7 +227,7 @@ def arrow_day(
         with spark_to_arrow(out, cfg, order_by=ARRIVAL if ordered else (), batch_rows=batch_rows) as day:
             yield day
         return
-    schema = pa.schema([(c, to_arrow_type(df.schema[c].dataType, timezone="UTC")) for c in wanted])
+    schema = pa.schema([table_schema.field(c) for c in wanted])
     readers = [_parquet(f) for f in direct]
 
     def batches():

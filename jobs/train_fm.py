@@ -11,7 +11,7 @@ import datetime as dt
 
 from jobs import publishing, snapshots
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import FM_DATASET
+from jobs.lakehouse import FM_DATASET, DayFiles, day_files
 from jobs.training import Progress, config_args, day_batches, day_ctr, previous_snapshot, resume, save_day
 
 ID_FEATURES = ("user_id", "ad_id")  # contract columns every VM carries, embedded like features
@@ -87,6 +87,9 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publi
     parent = snapshots.fm_uri(cfg, day).rsplit("/", 1)[0]
     prev_uri = previous_snapshot(parent, day, fresh)
     prior = day_ctr(spark, cfg, FM_DATASET, day, label) if prev_uri is None else None
+    if cfg.fm.num_processes > 1:
+        saved = train_ranks(day, cfg, spark, prev_uri, prior, label)
+        return saved if not publish else saved | {"published": publishing.publish(day, cfg, spark)}
     model, optimizer, encoder, model_config = start(cfg, prev_uri, prior)
     batches = day_batches(
         spark,
@@ -118,3 +121,106 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publi
     if not publish:
         return saved
     return saved | {"published": publishing.publish(day, cfg, spark)}
+
+
+def train_ranks(day: dt.date, cfg: ExfmConfig, spark, prev_uri: str | None, prior: float | None, label: str):
+    """The day's pass on ``fm.num_processes`` processes (Spark's TorchDistributor, gloo on CPU).
+
+    The day is listed here, once; every rank reads the files with pyarrow (no Spark in a rank)
+    and trains on its slice of each batch. The snapshot is written once, by rank 0, after the
+    last step; a rank that dies fails the launcher, so no snapshot is written for the day.
+    """
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    files = day_files(spark, cfg, FM_DATASET, day)
+    if files.direct is None:
+        raise ValueError(
+            f"fm_dataset ds={day}: its files are not in arrival order, which fm.num_processes > 1 "
+            "needs (each rank reads them directly); re-run build-fm-dataset and its gate for the day"
+        )
+    distributor = TorchDistributor(
+        num_processes=cfg.fm.num_processes, local_mode=not cfg.fm.ranks_on_executors, use_gpu=False
+    )
+    return distributor.run(_rank, day, cfg, prev_uri, prior, label, files)
+
+
+def _rank(
+    day: dt.date, cfg: ExfmConfig, prev_uri: str | None, prior: float | None, label: str, files: DayFiles
+):
+    """One rank of ``train_ranks``: rank 0 returns what ``save_day`` returns, the others None."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        model, optimizer, encoder, model_config = start(cfg, prev_uri, prior)  # same seed: same replicas
+        start_stats = encoder.state_dict()
+        batches = day_batches(
+            None,
+            cfg,
+            FM_DATASET,
+            day,
+            encoder,
+            label=label,
+            batch_size=cfg.fm.batch_size,
+            update_stats=True,
+            holdout="exclude" if cfg.das.blessing.enabled else None,
+            files=files,
+            shard=(rank, world),
+        )
+        progress = Progress(f"train-fm ds={day} rank {rank}/{world}")
+        clicks = fit_day_ranks(model, optimizer, batches, progress)
+        totals = torch.tensor([progress.rows, progress.loss_sum, clicks], dtype=torch.float64)
+        dist.all_reduce(totals)
+        ends = [None] * world
+        dist.all_gather_object(ends, encoder.state_dict())
+        if rank != 0:
+            return None
+        encoder.merge_shards(start_stats, ends)
+        progress.rows, progress.loss_sum = int(totals[0]), float(totals[1])
+        return save_day(
+            snapshots.fm_uri(cfg, day),
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+            day=day,
+            prev_uri=prev_uri,
+            model=model,
+            model_config=model_config,
+            encoder=encoder,
+            label=label,
+            progress=progress,
+            clicks=float(totals[2]),
+            kind="fm",
+            num_processes=world,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def fit_day_ranks(model, optimizer, batches, progress: Progress) -> float:
+    """``fit_day`` on one rank: every step all-reduces the gradient of the ranks' rows (see
+    ``allreduce_grads``); the ranks step until none has a batch left. Returns this rank's clicks."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from models.optim import allreduce_grads
+
+    clicks, source = 0.0, iter(batches)
+    while True:
+        batch = next(source, None)
+        rows = torch.tensor([0.0 if batch is None else float(batch.size)])
+        dist.all_reduce(rows)
+        if rows.item() == 0:
+            break
+        optimizer.zero_grad()
+        if batch is not None:
+            logit = model(batch.categorical, batch.dense)["logit"]
+            loss = F.binary_cross_entropy_with_logits(logit, batch.label, reduction="sum")
+            loss.backward()
+            clicks += float(batch.label.sum())
+            progress.update(batch.size, loss.item() / batch.size)
+        allreduce_grads(model, rows.item())
+        optimizer.step()
+    progress.close()
+    return clicks

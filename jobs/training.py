@@ -83,13 +83,19 @@ def day_batches(
     update_stats: bool = False,
     holdout: Literal["exclude", "only"] | None = None,
     files: DayFiles | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
     """One day of a Delta table as encoded batches, in arrival order, one batch in memory.
 
     ``holdout`` drops (or keeps only) the blessing holdout slice of the day (see ``in_holdout``);
-    ``files``: the day's files, when the caller listed them already (``lakehouse.day_files``).
+    ``files``: the day's files, when the caller listed them already (``lakehouse.day_files``);
+    with their schema, ``spark`` may be None. ``shard`` (rank, world): the rank's slice of each
+    batch of ``batch_size`` rows, ``ceil(batch_size / world)`` rows (the last batch's may be
+    shorter or absent), so the ranks' step k together is the batch k of one process.
     """
     import pyarrow as pa
+
+    from models.data import rebatch
 
     extra = [label, *([teacher] if teacher else [])]
     columns = [*encoder.columns, *extra, *(["request_id"] if holdout else [])]
@@ -99,6 +105,12 @@ def day_batches(
             batches = (
                 rb.filter(pa.array(in_holdout(rb.column("request_id"), cfg) == keep)) for rb in batches
             )
+        if shard is not None:
+            rank, world = shard
+            size = -(-batch_size // world)
+            batches = (t.slice(rank * size, size) for t in rebatch(batches, batch_size))
+            batches = (rb for t in batches for rb in t.to_batches())
+            batch_size = size
         n = 0
         encoded = stream_batches(
             batches,
@@ -112,7 +124,7 @@ def day_batches(
         for batch in encoded:
             n += batch.size
             yield batch
-        if not n:
+        if not n and shard is None:  # a rank's share of a tiny day may be empty
             where = (f", vm={vm}" if vm else "") + (f" ({holdout} holdout)" if holdout else "")
             raise ValueError(f"{table} has no rows for ds={day}{where}")
 

@@ -182,6 +182,14 @@ class FeatureEncoder:
         dense[:, 1::2] = present
         return torch.from_numpy(cat), torch.from_numpy(dense)
 
+    def merge_shards(self, start: dict, ends: list[dict]) -> None:
+        """The dense stats after every rank's shard of one day: ``start`` (the stats every rank
+        began from, ``state_dict()``) merged with what each rank's ``end`` state added to it."""
+        total = _stats(start)
+        for end in ends:
+            total = _chan_merge(total, _chan_remove(_stats(end), _stats(start)))
+        self.count, self.mean, self.m2 = (a.tolist() for a in total)
+
     def _update(self, x: np.ndarray, present: np.ndarray) -> None:
         """Chan et al.'s parallel Welford merge of a batch into the running stats, all features at once."""
         n_b = present.sum(axis=0).astype(np.float64)  # (D,)
@@ -211,6 +219,28 @@ class Batch:
     label: torch.Tensor  # (B,) float
     teacher: torch.Tensor | None  # (B,) teacher probability, when the rows carry one
     size: int
+
+
+def _stats(state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.array(state["count"], float), np.array(state["mean"], float), np.array(state["m2"], float)
+
+
+def _chan_merge(a, b):
+    """(count, mean, m2) of two disjoint sets of values from theirs (Chan et al.)."""
+    (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
+    n = n_a + n_b
+    w = np.divide(n_b, n, out=np.zeros_like(n), where=n > 0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w, m2_a + m2_b + delta**2 * n_a * w
+
+
+def _chan_remove(total, a):
+    """(count, mean, m2) of ``total``'s values that are not ``a``'s: the inverse of ``_chan_merge``."""
+    (n_t, mean_t, m2_t), (n_a, mean_a, m2_a) = total, a
+    n_b = n_t - n_a
+    mean_b = np.divide(n_t * mean_t - n_a * mean_a, n_b, out=np.zeros_like(n_b), where=n_b > 0)
+    w = np.divide(n_a * n_b, n_t, out=np.zeros_like(n_t), where=n_t > 0)
+    return n_b, mean_b, np.maximum(m2_t - m2_a - (mean_b - mean_a) ** 2 * w, 0.0)
 
 
 def rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.Table]:

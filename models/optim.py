@@ -83,3 +83,32 @@ class SplitOptimizer:
         for optimizer, lr in ((self.embedding, self.config.embedding_lr), (self.dense, self.config.lr)):
             for group in optimizer.param_groups if optimizer is not None else ():
                 group["lr"] = lr
+
+
+def allreduce_grads(model: nn.Module, rows: float) -> None:
+    """Data parallelism without DDP: every rank's gradient of its summed loss, summed over the ranks
+    and divided by the step's ``rows`` (all ranks'), so each replica steps with the gradient of
+    the mean loss over the global batch. DDP's buckets do not take the sparse gradients of the
+    embedding tables; gloo all-reduces them as sparse tensors. A rank without a batch this step
+    (the day's last one) contributes zeros.
+    """
+    import torch.distributed as dist
+
+    sparse = {id(p) for p in embedding_tables(model)}
+    dense = [p for p in model.parameters() if id(p) not in sparse]
+    for p in dense:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in dense])  # one all-reduce for every dense layer
+    dist.all_reduce(flat)
+    flat /= rows
+    for p, g in zip(dense, flat.split([p.numel() for p in dense]), strict=True):
+        p.grad.copy_(g.view_as(p))
+    for p in embedding_tables(model):
+        g = p.grad
+        if g is None:
+            index = torch.zeros(1, 0, dtype=torch.long)
+            g = torch.sparse_coo_tensor(index, p.new_zeros(0, *p.shape[1:]), p.shape)
+        g = g.coalesce()
+        dist.all_reduce(g)
+        p.grad = (g / rows).coalesce()

@@ -242,3 +242,53 @@ def test_evaluation_in_one_pass_equals_each_model_alone(spark, world, tmp_path):
     alone = [evaluate.score_snapshots([uri], DAYS[2], "search", cfg, spark)[0] for uri in uris]
     assert together == alone
     assert len({m["ne"] for m in together}) == 3  # three different models, not one scored thrice
+
+
+def test_fm_on_two_processes_trains_like_one_and_its_snapshot_resumes(spark, world, tmp_path):
+    """fm.num_processes=2 (TorchDistributor, gloo): days 1-2, day 2 continuing from the 2-process
+    snapshot of day 1; next-day NE of the FM of day 2 next to the one-process chain's."""
+    root, cfg = world
+    two = tiny_config(root, *QUALITY, "fm.num_processes=2", f"snapshots_root={tmp_path}")
+    for day in DAYS[:2]:
+        out = train_fm.run(day, two, spark, publish=False)
+        assert out["n_examples"] == snapshots.load(snapshots.fm_uri(cfg, day)).meta["n_examples"]
+    meta = snapshots.load(snapshots.fm_uri(two, DAYS[1])).meta
+    assert meta["num_processes"] == 2 and meta["continued_from"] == snapshots.fm_uri(two, DAYS[0])
+    ne = {
+        name: evaluate.score_snapshots([snapshots.fm_uri(c, DAYS[1])], DAYS[2], None, c, spark)[0]
+        for name, c in (("one", cfg), ("two", two))
+    }
+    # Same rows per step, same initial weights: only float summation order and the ranks' running
+    # dense statistics differ.
+    assert abs(ne["two"]["ne"] - ne["one"]["ne"]) < 0.005, ne
+    assert abs(ne["two"]["calibration"] - ne["one"]["calibration"]) < 0.02, ne
+
+
+def test_a_killed_rank_fails_the_fm_day_and_leaves_no_snapshot(world, tmp_path):
+    root, _ = world
+    marker = f"EXFM_TEST_RUN={os.getpid()}-{tmp_path.name}"
+    args = ["--config", str(REPO / "exfm.yaml"), "--ds", str(DAYS[0])]
+    for item in [*TINY, *QUALITY, f"lakehouse_root={root / 'lakehouse'}", f"snapshots_root={tmp_path}"]:
+        args += ["--set", item]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "train-fm", *args, "--set", "fm.num_processes=2"],
+        env={**os.environ, "PYTHONPATH": str(REPO), marker.split("=")[0]: marker.split("=")[1]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed = None
+    while killed is None and job.poll() is None:  # rank 1 as soon as it exists
+        for proc in os.listdir("/proc"):
+            try:
+                environ = open(f"/proc/{proc}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in environ and b"RANK=1" in environ:
+                os.kill(int(proc), 9)
+                killed = int(proc)
+                break
+    _, err = job.communicate(timeout=600)
+    assert killed is not None, "rank 1 was never seen"
+    assert job.returncode != 0, err[-3000:]
+    assert snapshots.trained_days(f"{tmp_path}/fm") == []  # no committed snapshot (meta.json) of the day

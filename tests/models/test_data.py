@@ -96,6 +96,23 @@ def test_dense_stats_stream_to_the_whole_day_statistics_and_survive_a_snapshot()
     assert abs(float(a[a[:, 1] == 1, 0].mean())) < 1e-5  # standardised
 
 
+def test_ranks_dense_stats_merge_to_one_process_stats():
+    """Each rank continues yesterday's stats over its shard of the day; merged, they are the stats of
+    yesterday plus the whole day, as one process would have them."""
+    yesterday, today = _table(400), _table(1000)
+    one = FeatureEncoder(categorical=(), dense=("x",))
+    one.encode(yesterday, update_stats=True)
+    start = one.state_dict()
+    ranks = [FeatureEncoder.from_state(start) for _ in range(3)]
+    for i, chunk in enumerate(rebatch(today.to_batches(max_chunksize=100), 90)):
+        ranks[i % 3].encode(chunk, update_stats=True)
+    one.encode(today, update_stats=True)
+    merged = FeatureEncoder.from_state(start)
+    merged.merge_shards(start, [r.state_dict() for r in ranks])
+    assert merged.count == one.count
+    assert np.allclose(merged.mean, one.mean) and np.allclose(merged.m2, one.m2)
+
+
 def test_rebatch_gives_fixed_sizes_in_order():
     table = pa.table({"i": np.arange(1000)})
     sizes, seen = [], []
