@@ -36,8 +36,10 @@ pids=() db_pid=""
 stop() {
   trap - INT TERM EXIT
   echo "airflow-local: stopping ${components[*]}" >&2
-  [ ${#pids[@]} -eq 0 ] || kill -TERM "${pids[@]}" 2>/dev/null || true
-  wait "${pids[@]}" 2>/dev/null || true
+  if [ ${#pids[@]} -gt 0 ]; then  # (a bare `wait` would wait for the DB too)
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
   if [ -n "$db_pid" ]; then  # last: the components close their connections first
     kill -TERM "$db_pid" 2>/dev/null || true
     wait "$db_pid" 2>/dev/null || true
@@ -80,14 +82,24 @@ if $postgres; then
   done
   "$bin/psql" -h 127.0.0.1 -p "$pg_port" -U airflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'airflow'" \
     | grep -q 1 || "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U airflow airflow
-  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://airflow:$PGPASSWORD@127.0.0.1:$pg_port/airflow"
+  url="$AIRFLOW_HOME/postgres.url"
+  (umask 077 && printf %s "postgresql+psycopg2://airflow:$PGPASSWORD@127.0.0.1:$pg_port/airflow" >"$url")  # no newline: _cmd keeps it
   unset PGPASSWORD
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD="cat $url"
+elif grep -q "^sql_alchemy_conn_cmd = cat $AIRFLOW_HOME/postgres.url" "$AIRFLOW_HOME/airflow.cfg" 2>/dev/null; then
+  echo "airflow-local: $AIRFLOW_HOME keeps its metadata DB on Postgres: run with --postgres" >&2
+  exit 2
 fi
 # Before the components start: the first run writes airflow.cfg with the JWT secret they must share.
 # The DAG's tasks take a slot of the pool exfm_spark each (dags/exfm_daily.py): the Spark sessions
 # this machine holds at once.
 { airflow db migrate && airflow pools set exfm_spark "${EXFM_SPARK_SLOTS:-2}" "Spark sessions at once"; } \
   >"$AIRFLOW_HOME/setup.log" 2>&1 || { cat "$AIRFLOW_HOME/setup.log" >&2; exit 1; }
+if $postgres; then
+  # `./exfm airflow ...` with this AIRFLOW_HOME (and no --postgres to tell it) must find the same
+  # DB: airflow.cfg reads the URL from the 600 file instead of holding the password.
+  sed -i "s|^sql_alchemy_conn = .*|sql_alchemy_conn_cmd = cat $url|" "$AIRFLOW_HOME/airflow.cfg"
+fi
 
 for c in "${components[@]}"; do
   case "$c" in

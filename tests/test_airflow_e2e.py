@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,13 +183,10 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
     cfg = load_config(config, env={})
     for ds in DAYS:
         generate.run(ds, cfg)
-    home, port = tmp_path / "airflow", _free_port()
-    home.mkdir()
-    if os.geteuid() == 0:  # Postgres runs as the postgres user, which must reach its data dir
-        for folder in (home, *home.parents):
-            if folder == Path(tempfile.gettempdir()):
-                break
-            folder.chmod(folder.stat().st_mode | 0o011)
+    # AIRFLOW_HOME (with Postgres's data dir) outside pytest's 0700 tree: run as root, the server
+    # runs as the postgres user, which must be able to reach it.
+    home, port = Path(tempfile.mkdtemp(prefix="exfm-e2e-airflow-")), _free_port()
+    home.chmod(0o711)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EXFM__", "EXFM_CONFIG"))}
     env.update(
         AIRFLOW_HOME=str(home),
@@ -238,6 +236,7 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
         )
 
         runs, tis = _wait_for_success(api, home, services, deadline)
+        assert (home / "postgres" / "PG_VERSION").exists() and not (home / "airflow.db").exists()  # Postgres
         print(f"backfill of {len(DAYS)} days:\n{_durations(tis)}")
         backfilled = _tables(spark, cfg)
 
@@ -259,8 +258,10 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
             os.killpg(services.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        logs = tmp_path / "airflow-logs"  # kept with the test's files; the rest goes
+        shutil.copytree(home, logs, ignore=shutil.ignore_patterns("postgres"), dirs_exist_ok=True)
+        shutil.rmtree(home, ignore_errors=True)
 
-    assert (home / "postgres" / "PG_VERSION").exists() and not (home / "airflow.db").exists()  # not SQLite
     retried = sorted({f"{ti['dag_run_id']}: {ti['task_id']}" for ti in tis if ti["try_number"] > 1})
     if retried:  # passed, but say so: a retry can hide a race between tasks
         warnings.warn(f"exfm_daily tasks that needed a retry: {retried}", stacklevel=1)

@@ -164,3 +164,19 @@ def test_evaluate_reruns_idempotently_and_refuses_a_broken_chain(spark, two_days
             evaluate.run("2026-01-03", cfg, spark)
     finally:
         snaps.restoreToVersion(snaps.history(2).collect()[1]["version"])
+
+
+@pytest.mark.parametrize(
+    ("uri", "remote", "master"),
+    [
+        ("sc://spark-connect:15010", "sc://spark-connect:15010", "local[2]"),  # Spark Connect
+        ("spark://spark-master:7077", None, "spark://spark-master:7077"),  # a driver per task
+    ],
+)
+def test_spark_default_connection_says_where_the_jobs_spark_is(monkeypatch, tmp_path, uri, remote, master):
+    monkeypatch.syspath_prepend(str(REPO / "dags"))
+    from exfm_daily import _with_spark_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", uri)
+    spark = _with_spark_connection(tiny_config(tmp_path)).spark
+    assert (spark.remote, spark.master) == (remote, master)
