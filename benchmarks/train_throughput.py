@@ -165,7 +165,7 @@ def measure(name: str, batches: list, in_memory, job, repeats: int) -> None:
     job()
     ratio = statistics.median(b / a for a, b in zip(mem, passed, strict=True))
     print(
-        f"{name:18} {n:9,} {statistics.median(mem):17,.0f} {statistics.median(passed):17,.0f} {ratio:6.2f}"
+        f"{name:18} {n:9,} {statistics.median(mem):17,.0f} {statistics.median(passed):17,.0f} {ratio:6.3f}"
         f" {job_s:6.1f} {n / job_s:10,.0f} {peak_rss_mb():7,.0f} MB",
         flush=True,
     )
