@@ -91,7 +91,17 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publi
         saved = train_ranks(day, cfg, spark, prev_uri, prior, label)
         return saved if not publish else saved | {"published": publishing.publish(day, cfg, spark)}
     model, optimizer, encoder, model_config = start(cfg, prev_uri, prior)
-    batches = day_batches(
+    progress = Progress(f"train-fm ds={day}")
+    clicks = fit_day(model, optimizer, _batches(spark, cfg, day, encoder, label), progress)
+    saved = _save(cfg, day, prev_uri, model, optimizer, model_config, encoder, label, progress, clicks)
+    if not publish:
+        return saved
+    return saved | {"published": publishing.publish(day, cfg, spark)}
+
+
+def _batches(spark, cfg: ExfmConfig, day: dt.date, encoder, label: str, **kwargs):
+    """The FM's pass over fm_dataset[day]: without the blessing holdout, which blessing judges on."""
+    return day_batches(
         spark,
         cfg,
         FM_DATASET,
@@ -100,12 +110,13 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publi
         label=label,
         batch_size=cfg.fm.batch_size,
         update_stats=True,
-        holdout="exclude" if cfg.das.blessing.enabled else None,  # blessing judges on the rest
+        holdout="exclude" if cfg.das.blessing.enabled else None,
+        **kwargs,
     )
-    progress = Progress(f"train-fm ds={day}")
-    clicks = fit_day(model, optimizer, batches, progress)
 
-    saved = save_day(
+
+def _save(cfg, day, prev_uri, model, optimizer, model_config, encoder, label, progress, clicks, **extra):
+    return save_day(
         snapshots.fm_uri(cfg, day),
         {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
         day=day,
@@ -117,10 +128,8 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publi
         progress=progress,
         clicks=clicks,
         kind="fm",
+        **extra,
     )
-    if not publish:
-        return saved
-    return saved | {"published": publishing.publish(day, cfg, spark)}
 
 
 def train_ranks(day: dt.date, cfg: ExfmConfig, spark, prev_uri: str | None, prior: float | None, label: str):
@@ -156,19 +165,7 @@ def _rank(
         rank, world = dist.get_rank(), dist.get_world_size()
         model, optimizer, encoder, model_config = start(cfg, prev_uri, prior)  # same seed: same replicas
         start_stats = encoder.state_dict()
-        batches = day_batches(
-            None,
-            cfg,
-            FM_DATASET,
-            day,
-            encoder,
-            label=label,
-            batch_size=cfg.fm.batch_size,
-            update_stats=True,
-            holdout="exclude" if cfg.das.blessing.enabled else None,
-            files=files,
-            shard=(rank, world),
-        )
+        batches = _batches(None, cfg, day, encoder, label, files=files, shard=(rank, world))
         progress = Progress(f"train-fm ds={day} rank {rank}/{world}")
         clicks = fit_day_ranks(model, optimizer, batches, progress)
         totals = torch.tensor([progress.rows, progress.loss_sum, clicks], dtype=torch.float64)
@@ -179,20 +176,8 @@ def _rank(
             return None
         encoder.merge_shards(start_stats, ends)
         progress.rows, progress.loss_sum = int(totals[0]), float(totals[1])
-        return save_day(
-            snapshots.fm_uri(cfg, day),
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-            day=day,
-            prev_uri=prev_uri,
-            model=model,
-            model_config=model_config,
-            encoder=encoder,
-            label=label,
-            progress=progress,
-            clicks=float(totals[2]),
-            kind="fm",
-            num_processes=world,
-        )
+        model_state = (model, optimizer, model_config, encoder)
+        return _save(cfg, day, prev_uri, *model_state, label, progress, float(totals[2]), num_processes=world)
     finally:
         dist.destroy_process_group()
 
