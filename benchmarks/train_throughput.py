@@ -91,7 +91,6 @@ def main() -> None:
 
     # FM: (a) in memory, then (b) the job, both continuing from the day-1 snapshot.
     model, optimizer, encoder, _ = train_fm.start(cfg, snapshots.fm_uri(cfg, day1))
-    label = cfg.labels[0]
     batches = list(
         day_batches(
             spark,
@@ -99,7 +98,7 @@ def main() -> None:
             FM_DATASET,
             day2,
             encoder,
-            label=label,
+            label=cfg.fm_labels,
             batch_size=cfg.fm.batch_size,
             update_stats=True,
             holdout="exclude",

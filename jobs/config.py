@@ -46,7 +46,10 @@ class VmSpec(_Frozen):
     categorical: tuple[Identifier, ...] = ()  # hashed/embedded ids, stored as strings
     dense: tuple[Identifier, ...] = ()  # real-valued, stored as double
     label: Identifier = "click"  # binary 0/1
-    task: Literal["ctr", "cvr", "engagement"] = "ctr"
+    # What the label means (paper Table 5: several tasks on the same requests). The FM has one
+    # head per label column and the DAS scores a VM with its label's head; the synthetic
+    # generator draws the label from the task's truth (correlated click, like, follow).
+    task: Literal["ctr", "like", "follow"] = "ctr"
     model: Literal["fm", "fmfm", "deepfm"] = "deepfm"  # the student's backbone
     # Methods the daily DAG trains and evaluates for this VM: production plus the baseline,
     # so the report always shows the FM's NE gain over `none`.
@@ -230,6 +233,13 @@ class ExfmConfig(_Frozen):
                         raise ValueError(
                             f"column {col!r} is {kinds[col]} in one VM and {kind} in VM {vm.name!r}"
                         )
+        tasks: dict[str, str] = {}  # a label column merges across VMs in the FM dataset: one meaning
+        for vm in self.vms:
+            if tasks.setdefault(vm.label, vm.task) != vm.task:
+                raise ValueError(
+                    f"label {vm.label!r} is task {tasks[vm.label]!r} in one VM "
+                    f"and {vm.task!r} in VM {vm.name!r}"
+                )
         if set(self.fm.source_vms) - set(names):
             raise ValueError(f"fm.source_vms {list(self.fm.source_vms)}: VMs not in the registry {names}")
         unknown = sorted(set(self.synthetic.base_ctr) - set(names))
@@ -268,6 +278,11 @@ class ExfmConfig(_Frozen):
     def fm_vms(self) -> tuple[VmSpec, ...]:
         """The VMs whose traffic the FM dataset holds (``fm.source_vms``, default every VM)."""
         return tuple(v for v in self.vms if not self.fm.source_vms or v.name in self.fm.source_vms)
+
+    @property
+    def fm_labels(self) -> tuple[str, ...]:
+        """The FM's tasks: its source VMs' labels, in registry order (one head each)."""
+        return _ordered_union((v.label,) for v in self.fm_vms)
 
     @property
     def fm_categorical_features(self) -> tuple[str, ...]:

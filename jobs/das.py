@@ -6,8 +6,10 @@
    request several VMs saw is scored once, with the union of their features; features no VM
    of the request carries are absent for the FM too.
 3. Score the requests in Spark with ``mapInArrow``: every Python worker loads the snapshot
-   once (verified by sha256) and keeps it for all its batches and tasks.
-4. Stage each VM's rows of the day with teacher_score / teacher_logit / teacher_snapshot_id
+   once (verified by sha256) and keeps it for all its batches and tasks. An FM with several
+   tasks (heads) scores each request once for all of them.
+4. Stage each VM's rows of the day with teacher_score / teacher_logit (of its label's head) /
+   teacher_snapshot_id
    (``_staging/vm_training``, replaceWhere ds). The gate ``quality.run("vm_training", ...)``
    validates them (suite ``teacher_scores``) and publishes them with one replaceWhere of day ds
    in arrival order, so days can be scored and published in parallel and a re-run replaces
@@ -21,15 +23,17 @@ import functools
 import time
 from collections.abc import Iterator
 
-from jobs import fm_dataset, publishing, quality, snapshots
+from jobs import fm_dataset, publishing, quality, snapshots, train_fm
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING, read_day
 
+# teacher_logits / teacher_scores: one per FM head (task); each VM's row takes its label's head.
 # score_batch / model_load: 1 on the first row of each scored batch / of a worker's first batch
 # after it loaded the snapshot. Counters that ride with the rows, because a Spark Connect
 # client has no accumulators.
 SCORE_SCHEMA = (
-    "request_id string, teacher_logit double, teacher_score double, score_batch byte, model_load byte"
+    "request_id string, teacher_logits array<double>, teacher_scores array<double>, "
+    "score_batch byte, model_load byte"
 )
 
 # Per Python worker process: sha256 -> (model, encoder). Spark reuses a worker across tasks
@@ -66,24 +70,33 @@ def score_batches(batches: Iterator, *, uri: str, sha256: str, batch_size: int) 
             for start in range(0, rb.num_rows, batch_size):
                 model, encoder, loaded = _teacher(uri, sha256)  # in a task with rows only
                 part = rb.slice(start, batch_size)
-                logit = teacher_logits(model, encoder, part)
+                logits = teacher_logits(model, encoder, part)  # (B, T)
                 first = np.zeros(part.num_rows, np.int8)
                 first[0] = 1
                 yield pa.RecordBatch.from_pydict(
                     {
                         "request_id": part.column("request_id"),
-                        "teacher_logit": logit.double().numpy(),
-                        "teacher_score": torch.sigmoid(logit).double().numpy(),
+                        "teacher_logits": _rows(logits.double().numpy()),
+                        "teacher_scores": _rows(torch.sigmoid(logits).double().numpy()),
                         "score_batch": first,
                         "model_load": first * loaded,
                     }
                 )
 
 
+def _rows(values):
+    """A (B, T) numpy array as an Arrow list column of B lists of T values, without a Python loop."""
+    import numpy as np
+    import pyarrow as pa
+
+    n, t = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * t + 1, t, dtype=np.int32)), values.ravel())
+
+
 def teacher_logits(model, encoder, batch):
-    """The FM's logit (float32) for an Arrow batch of requests; bare torch, no Spark."""
+    """The FM's logits (B, T) (float32, one per task) for an Arrow batch of requests; bare torch, no Spark."""
     cat, dense = encoder.encode(batch, update_stats=False)
-    return model(cat, dense)["logit"]
+    return model(cat, dense)["task_logits"]
 
 
 def run(
@@ -117,10 +130,18 @@ def run(
     ).first()
     scoring_s = time.perf_counter() - t_score
     n_requests = counts["requests"]
-    scores = scored.drop("score_batch", "model_load")
+    # Each VM's rows get the head of its label (task): array index, 1-based, by VM name.
+    heads = {vm.name: train_fm.head_of(snap.meta, vm.label, row.snapshot_id) + 1 for vm in cfg.vms}
+    head = F.create_map(*[F.lit(x) for name, h in heads.items() for x in (name, h)])[F.col("vm")]
 
     traffic = read_day(spark, cfg, VM_TRAFFIC, day)
-    source = traffic.join(scores, "request_id").withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
+    source = (
+        traffic.join(scored, "request_id")
+        .withColumn("teacher_logit", F.element_at("teacher_logits", head))
+        .withColumn("teacher_score", F.element_at("teacher_scores", head))
+        .drop("teacher_logits", "teacher_scores", "score_batch", "model_load")
+        .withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
+    )
     quality.stage(source, cfg, VM_TRAINING, day)
     rows = quality.staged_day(spark, cfg, VM_TRAINING, day).groupBy("vm").count().collect()
     scored.unpersist()

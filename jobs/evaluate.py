@@ -173,6 +173,7 @@ def score_snapshots(
     needed for ``scores``.
     """
     import numpy as np
+    import pyarrow.compute as pc
     import torch
 
     from jobs import snapshots, train_fm, train_vm
@@ -180,14 +181,16 @@ def score_snapshots(
     from models.metrics import StreamingBinaryMetrics
 
     day = parse_ds(eval_ds)
-    table, label = (table, cfg.vm(vm_name).label) if vm_name else (FM_DATASET, cfg.labels[0])
-    judged = []  # (model, encoder, meta)
+    table, label = (table, cfg.vm(vm_name).label) if vm_name else (FM_DATASET, cfg.fm_labels[0])
+    judged = []  # (model, encoder, meta, the output that predicts label)
     for uri in snapshot_uris:
         snap = snapshots.load(uri)
-        model = (train_fm if snap.meta["kind"] == "fm" else train_vm).build_model(snap.meta["model_config"])
+        fm = snap.meta["kind"] == "fm"
+        model = (train_fm if fm else train_vm).build_model(snap.meta["model_config"])
         model.load_state_dict(snap.state["model"])
-        judged.append((model.eval(), FeatureEncoder.from_state(snap.meta["encoder"]), snap.meta))
-    columns = [*dict.fromkeys(c for _, enc, _ in judged for c in enc.columns), label, *scores]
+        head = train_fm.head_of(snap.meta, label, uri) if fm else None  # the FM's head of this task
+        judged.append((model.eval(), FeatureEncoder.from_state(snap.meta["encoder"]), snap.meta, head))
+    columns = [*dict.fromkeys(c for _, enc, _, _ in judged for c in enc.columns), label, *scores]
     metrics = [StreamingBinaryMetrics() for _ in [*judged, *scores]]
     day_rows = arrow_day(
         spark, cfg, table, day, columns, vm=vm_name, ordered=False, batch_rows=16_384, files=files
@@ -196,20 +199,29 @@ def score_snapshots(
         if not rows:
             raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm_name}" if vm_name else ""))
         for batch in batches:
+            # Requests without this label (the FM dataset's rows of other tasks' VMs) are not judged.
+            batch = batch.filter(pc.is_valid(batch.column(label)))
             y = torch.from_numpy(batch.column(label).to_numpy().astype(np.float32))
-            for (model, encoder, _), m in zip(judged, metrics, strict=False):
+            for (model, encoder, _, head), m in zip(judged, metrics, strict=False):
                 cat, dense = encoder.encode(batch, update_stats=False)
-                m.update(p=torch.sigmoid(model(cat, dense)["logit"]), y=y)
+                out = model(cat, dense)
+                m.update(p=torch.sigmoid(out["logit"] if head is None else out["task_logits"][:, head]), y=y)
             for column, m in zip(scores, metrics[len(judged) :], strict=True):
                 m.update(p=torch.from_numpy(batch.column(column).to_numpy().astype(np.float32)), y=y)
-    bases = [base_rate or meta["train_ctr"] for _, _, meta in judged] + [base_rate] * len(scores)
+    bases = [base_rate or _train_rate(meta, label) for _, _, meta, _ in judged] + [base_rate] * len(scores)
     return [m.compute(train_base_rate=b) for m, b in zip(metrics, bases, strict=True)]
+
+
+def _train_rate(meta: dict, label: str) -> float:
+    """A snapshot's training rate of ``label`` (an FM has one per task): its NE normaliser."""
+    return meta.get("train_rates", {}).get(label, meta["train_ctr"])
 
 
 def oracle_logloss(day: dt.date, vm: VmSpec, cfg: ExfmConfig, spark) -> float | None:
     """Mean LogLoss of the generator's true probabilities on the VM's rows; None without truth."""
     from pyspark.errors import AnalysisException
 
+    from jobs.generate import TASKS
     from models.metrics import LOGLOSS_EPS
 
     try:
@@ -217,7 +229,7 @@ def oracle_logloss(day: dt.date, vm: VmSpec, cfg: ExfmConfig, spark) -> float | 
     except AnalysisException:  # not synthetic data: no truth files for the day
         return None
     row = spark.sql(
-        render_sql("oracle_logloss", label=quote(vm.label)),
+        render_sql("oracle_logloss", label=quote(vm.label), truth=quote(f"p_{TASKS[vm.task][0]}")),
         args={"ds": day.isoformat(), "vm": vm.name, "eps": LOGLOSS_EPS},
         traffic=spark.read.format("delta").load(cfg.table(VM_TRAFFIC)),
         truth=truth,

@@ -9,6 +9,9 @@ alone (a backfill of day 5 needs no days 1..4) and a re-run writes identical fil
 - A request belongs to a home VM, which decides its base CTR (cross-domain bias) and its
   label; with probability ``shared_rate`` a second VM logs the same request_id with its own
   view of the features, like ranking stages that share traffic.
+- Several tasks (paper Table 5): a VM's ``task`` (ctr, like, follow) says which truth its label
+  is drawn from. Like and follow share part of the click's structure (correlated truths) and add
+  terms of their own; a VM of a task is home to requests at its configured base rate.
 - The hidden ground truth mixes id biases, a latent user x ad affinity, a drifting
   segment x category table, a 3-way segment x category x device cross (a second-order FM
   cannot represent it, a deep cross network can), a nonlinear dense cross and VM-only signals.
@@ -48,6 +51,13 @@ N_SEGMENTS, N_CATEGORIES, N_ADVERTISERS, N_QUERY = 16, 24, 300, 8
 DEVICES = np.array(["ios", "android", "web"])
 LATENT_DIM = 4
 DEFAULT_BASE_CTR = 0.03
+# Per task: the label column of the truth, its share of the click's structure (the correlation
+# of the truths), and its base rate on requests homed in a VM of another task.
+TASKS = {
+    "ctr": ("click", 1.0, DEFAULT_BASE_CTR),
+    "like": ("like", 0.6, 0.02),
+    "follow": ("follow", 0.4, 0.005),
+}
 CALIBRATION_ROWS = 60_000  # sample that sets each day's intercepts
 
 
@@ -137,13 +147,13 @@ def _chunk(
     chunk: int,
     n: int,
     first_seq: int,
-    intercept: np.ndarray,
+    intercept: dict[str, np.ndarray],
     stream: int = 3,
 ) -> dict[str, np.ndarray]:
-    """All attributes, the true probability and the label of n requests.
+    """All attributes, the true probability and the label of n requests, of every task in use.
 
-    ``intercept`` is the logit offset of each home VM; ``stream`` picks an independent random
-    stream (the calibration sample of ``_intercepts`` does not reuse the day's requests).
+    ``intercept``: per task, the logit offset of each home VM; ``stream`` picks an independent
+    random stream (the calibration sample of ``_intercepts`` does not reuse the day's requests).
     """
     s, seed = cfg.synthetic, cfg.seeds.synthetic
     rng = np.random.default_rng([seed, stream, t, chunk])
@@ -170,8 +180,7 @@ def _chunk(
 
     home = rng.integers(0, n_vms, n)
     logit = (
-        intercept[home]
-        + 0.3 * _normal(seed, 12, user)
+        0.3 * _normal(seed, 12, user)
         + 0.3 * _normal(seed, 23, ad)  # id biases
         + affinity
         + truth.segment[segment]
@@ -190,6 +199,8 @@ def _chunk(
     logit += declares("position") * -0.25 * (position - 1)
     logit += declares("query_category") * 0.7 * (query == category % N_QUERY)
     logit += declares("watch_time") * 0.3 * np.log(watch_time)
+    structure = logit  # everything but the home VM's offset: what the tasks share
+    logit = intercept["ctr"][home] + structure
     p_click = 1 / (1 + np.exp(-logit))
     click = (rng.random(n) < p_click).astype(np.int32)
 
@@ -197,6 +208,18 @@ def _chunk(
     if n_vms > 1:
         shared = rng.random(n) < s.shared_rate
         second[shared] = (home[shared] + rng.integers(1, n_vms, shared.sum())) % n_vms
+
+    # Other tasks, drawn after the click's stream so that the click world does not change.
+    own = {
+        "like": 0.5 * _normal(seed, 50, user) + 0.4 * _normal(seed, 51, ad),  # taste of user and ad
+        "follow": 0.7 * _normal(seed, 60, advertiser) + 0.4 * _normal(seed, 61, user),
+    }
+    tasks = {}
+    for task in [t for t in TASKS if t != "ctr" and t in intercept]:
+        name, share, _ = TASKS[task]
+        task_logit = intercept[task][home] + share * structure + own[task]
+        p = 1 / (1 + np.exp(-task_logit))
+        tasks |= {f"logit_{name}": task_logit, f"p_{name}": p, name: (rng.random(n) < p).astype(np.int32)}
 
     start = np.datetime64(day.isoformat(), "us")
     return {
@@ -218,30 +241,40 @@ def _chunk(
         "watch_time": watch_time,
         "click": click,
         "p_click": p_click,
-        "logit": logit,
+        "logit_click": logit,
         "home": home,
         "second": second,
+        **tasks,
     }
 
 
-def _intercepts(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth) -> np.ndarray:
-    """Per home VM, the logit offset that puts the day's mean true CTR at synthetic.base_ctr.
+def _intercepts(cfg: ExfmConfig, day: dt.date, t: int, truth: GroundTruth) -> dict[str, np.ndarray]:
+    """Per task in use and home VM, the logit offset that puts the day's mean true rate of the
+    task at the VM's synthetic.base_ctr (a VM of another task: the task's default rate).
 
     Solved on a fixed sample of the day's world, so the drifting structure never moves the
     base rates: every next-day calibration error is the model's, not the world's.
     """
-    zero = np.zeros(len(cfg.vms))
+    zero = {task: np.zeros(len(cfg.vms)) for task in TASKS if task == "ctr" or task in _tasks(cfg)}
     sample = _chunk(cfg, day, t, truth, 0, CALIBRATION_ROWS, 0, zero, stream=5)
-    offsets = []
-    for i, vm in enumerate(cfg.vms):
-        logit = sample["logit"][sample["home"] == i]
-        target = cfg.synthetic.base_ctr.get(vm.name, DEFAULT_BASE_CTR)
-        lo, hi = -30.0, 30.0
-        for _ in range(60):  # bisection: the mean of sigmoid(logit + b) rises with b
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < target else (lo, mid)
-        offsets.append((lo + hi) / 2)
-    return np.array(offsets)
+    offsets = {}
+    for task in zero:
+        name, _, default = TASKS[task]
+        offsets[task] = np.zeros(len(cfg.vms))
+        for i, vm in enumerate(cfg.vms):
+            logit = sample[f"logit_{name}"][sample["home"] == i]
+            target = cfg.synthetic.base_ctr.get(vm.name, DEFAULT_BASE_CTR) if vm.task == task else default
+            lo, hi = -30.0, 30.0
+            for _ in range(60):  # bisection: the mean of sigmoid(logit + b) rises with b
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < target else (lo, mid)
+            offsets[task][i] = (lo + hi) / 2
+    return offsets
+
+
+def _tasks(cfg: ExfmConfig) -> list[str]:
+    """The tasks of the registry's VMs, in TASKS order."""
+    return [task for task in TASKS if any(vm.task == task for vm in cfg.vms)]
 
 
 def _vm_table(
@@ -253,7 +286,7 @@ def _vm_table(
     dupes = idx[rng.random(idx.size) < cfg.synthetic.duplicate_rate]
     idx = np.sort(np.concatenate([idx, dupes]), kind="stable")
     cols = {c: rows[c][idx] for c in ("request_id", "event_ts", "user_id", "ad_id", *vm.features)}
-    cols[vm.label] = rows["click"][idx]
+    cols[vm.label] = rows[TASKS[vm.task][0]][idx]
     table = pa.table(cols)
     return table.set_column(1, "event_ts", table["event_ts"].cast(pa.timestamp("us", tz="UTC")))
 
@@ -301,6 +334,11 @@ def run(ds: str | dt.date, cfg: ExfmConfig) -> dict:
                         "home_vm": np.array([v.name for v in cfg.vms])[rows["home"]],
                         "p_click": rows["p_click"],
                         "click": rows["click"],
+                        **{
+                            f"p_{TASKS[task][0]}": rows[f"p_{TASKS[task][0]}"]
+                            for task in _tasks(cfg)
+                            if task != "ctr"
+                        },
                     }
                 ),
                 truth_tmp / f"part-{chunk:05d}.parquet",

@@ -187,7 +187,7 @@ def run(
         encoder=encoder,
         label=vm.label,
         progress=progress,
-        clicks=clicks,
+        train_ctr=clicks / max(progress.rows, 1),
         kind="vm",
         vm=vm.name,
         method=method,

@@ -76,7 +76,7 @@ def day_batches(
     day: dt.date,
     encoder: FeatureEncoder,
     *,
-    label: str,
+    label: str | tuple[str, ...],
     batch_size: int,
     vm: str | None = None,
     teacher: str | None = None,
@@ -97,7 +97,7 @@ def day_batches(
 
     from models.data import rebatch
 
-    extra = [label, *([teacher] if teacher else [])]
+    extra = [*((label,) if isinstance(label, str) else label), *([teacher] if teacher else [])]
     columns = [*encoder.columns, *extra, *(["request_id"] if holdout else [])]
     with arrow_day(spark, cfg, table, day, columns, vm=vm, files=files) as (rows, batches):
         if holdout is not None:
@@ -158,7 +158,7 @@ def save_day(
     encoder: FeatureEncoder,
     label: str,
     progress: Progress,
-    clicks: float,
+    train_ctr: float,
     **extra,
 ) -> dict:
     """Write the snapshot of a trained day; returns the summary the CLI prints."""
@@ -176,7 +176,7 @@ def save_day(
             "label": label,
             "n_examples": progress.rows,
             "train_loss": progress.mean_loss,
-            "train_ctr": clicks / max(progress.rows, 1),
+            "train_ctr": train_ctr,  # the label's mean over the pass: the model's NE normaliser
             "parameters": num_parameters(model),
         },
     )
@@ -240,7 +240,8 @@ class Progress:
 
 
 def evaluate(model, batches: Iterator[Batch], *, train_base_rate: float) -> dict:
-    """Streaming NE / AUC / LogLoss / calibration of a model's serving logit over batches."""
+    """Streaming NE / AUC / LogLoss / calibration of a model's serving logit over batches (labels (B,));
+    rows without a label (a task the request's VMs do not log) are left out."""
     import torch
 
     from models.metrics import StreamingBinaryMetrics
@@ -250,6 +251,7 @@ def evaluate(model, batches: Iterator[Batch], *, train_base_rate: float) -> dict
     with torch.no_grad():
         for batch in batches:
             p = torch.sigmoid(model(batch.categorical, batch.dense)["logit"])
-            metrics.update(p=p, y=batch.label)
+            labelled = ~torch.isnan(batch.label)
+            metrics.update(p=p[labelled], y=batch.label[labelled])
     model.train()
     return metrics.compute(train_base_rate=train_base_rate)

@@ -216,7 +216,7 @@ def _numpy(batch: pa.RecordBatch | pa.Table, name: str, dtype) -> np.ndarray:
 class Batch:
     categorical: torch.Tensor  # (B, F) long
     dense: torch.Tensor  # (B, 2D) float
-    label: torch.Tensor  # (B,) float
+    label: torch.Tensor  # (B,) float, or (B, T) with NaN where a request has no label of task t
     teacher: torch.Tensor | None  # (B,) teacher probability, when the rows carry one
     size: int
 
@@ -263,7 +263,7 @@ def stream_batches(
     batches: Iterable[pa.RecordBatch],
     encoder: FeatureEncoder,
     *,
-    label: str,
+    label: str | tuple[str, ...],
     batch_size: int,
     teacher: str | None = None,
     update_stats: bool = False,
@@ -274,7 +274,8 @@ def stream_batches(
 
     Rows are encoded ``encode_rows`` at a time (a whole number of batches) and the tensors then
     sliced, so the fixed cost of each Arrow and numpy call is paid once per chunk, not per batch;
-    the dense statistics are updated once per chunk. ``background`` reads and encodes the next
+    the dense statistics are updated once per chunk. ``label``: one column (labels (B,)) or
+    several tasks' columns (labels (B, T), NaN where null). ``background`` reads and encodes the next
     chunk in a thread (``prefetch``) while the caller trains on this one.
     """
     rows = batch_size * max(1, encode_rows // batch_size)
@@ -282,7 +283,12 @@ def stream_batches(
     def chunks() -> Iterator[Batch]:
         for table in rebatch(batches, rows):
             cat, dense = encoder.encode(table, update_stats=update_stats)
-            y = torch.from_numpy(_numpy(table, label, np.float32))
+            if isinstance(label, str):
+                y = torch.from_numpy(_numpy(table, label, np.float32))  # (B,)
+            else:
+                y = torch.from_numpy(
+                    np.stack([_numpy(table, c, np.float32) for c in label], axis=1)
+                )  # (B, T)
             t = None if teacher is None else torch.from_numpy(_numpy(table, teacher, np.float32))
             yield Batch(cat, dense, y, t, table.num_rows)
 

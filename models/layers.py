@@ -5,8 +5,6 @@ Shapes: B = batch, F = categorical fields, E = embedding dim, D = input dim of a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,16 +99,18 @@ class MLP(nn.Module):
         return self.net(x)  # (B, out_features)
 
 
-def init_prior_(linear: nn.Linear, prior_ctr: float | None) -> None:
-    """Start a logit output at the log-odds of a prior click rate.
+def init_prior_(linear: nn.Linear, prior_ctr: float | tuple[float, ...] | None) -> None:
+    """Start a logit output at the log-odds of a prior click rate (one per output, or one for all).
 
     With a default (zero-mean) bias a CTR model starts at p = 0.5 and spends its first
     thousands of steps only learning the base rate; a one-pass day has few steps to spare.
     """
     if prior_ctr is None:
         return
-    assert 0.0 < prior_ctr < 1.0, f"prior_ctr must be in (0, 1), got {prior_ctr}"
-    nn.init.constant_(linear.bias, math.log(prior_ctr / (1.0 - prior_ctr)))
+    priors = torch.as_tensor(prior_ctr, dtype=torch.float64).expand(linear.out_features)
+    assert ((priors > 0) & (priors < 1)).all(), f"prior_ctr must be in (0, 1), got {prior_ctr}"
+    with torch.no_grad():
+        linear.bias.copy_(torch.logit(priors))
 
 
 # ----------------------------------------------------------------------------- cross networks

@@ -1,4 +1,4 @@
-"""Training losses of the VM and the Student Adapter (paper Eqns 1-7, Algorithm 1).
+"""Training losses of the FM, the VM and the Student Adapter (paper Eqns 1-7, Algorithm 1).
 
 ``h(ŷ, y)`` (Eq 1) is the mean binary cross-entropy on logits ``ŷ``; its target may be a soft
 probability (the FM's pseudo-label). Components are returned unweighted, next to the total.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -78,3 +79,18 @@ def vm_loss(
 def adapter_loss(adapter_logit: Tensor, y: Tensor) -> Tensor:
     """Eq 6: ``h(ŷˢᴬ, y)``, the Student Adapter fitted to fresh labels (Algorithm 1 step 1)."""
     return h(adapter_logit, y)
+
+
+def fm_loss(task_logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """The FM's loss over its tasks: binary cross-entropy of every (request, task) that has a label.
+
+    ``task_logits`` (B, T); ``y`` (B, T) labels, NaN where the request has no label of that task
+    (no VM that logged it has that task). Summed over tasks and labelled rows, divided by B for
+    ``"mean"`` (so one task is the mean BCE, and a rarer task weighs by its share of the rows);
+    ``"sum"`` leaves the division to the caller (data parallelism divides by the global batch).
+    """
+    assert task_logits.shape == y.shape, f"task_logits {task_logits.shape} vs y {y.shape}"
+    labelled = ~torch.isnan(y)  # (B, T)
+    bce = F.binary_cross_entropy_with_logits(task_logits, torch.where(labelled, y, 0.0), reduction="none")
+    total = torch.where(labelled, bce, 0.0).sum()
+    return total / y.shape[0] if reduction == "mean" else total

@@ -22,13 +22,15 @@ from tests.conftest import REPO, TINY, land_days, tiny_config
 from tests.test_ingest import checksum
 
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
+# Two tasks (paper Table 5): video's label is a like, so the FM has a click head and a like head.
+TASKS = ["vms.2.label=like", "vms.2.task=like"]
 
 
 @pytest.fixture(scope="module")
 def world(spark, tmp_path_factory):
     """4 days of traffic and FM datasets; the FM trained and published through days 1-2."""
     root = tmp_path_factory.mktemp("das")
-    cfg = tiny_config(root)
+    cfg = tiny_config(root, *TASKS)
     land_days(DAYS, cfg, spark)
     for day in DAYS[:2]:
         assert train_fm.run(day, cfg, spark)["published"]["status"] == "blessed"
@@ -41,6 +43,7 @@ def _cli(root, *args, env_extra=None):
     argv = [sys.executable, "-m", "jobs.cli", *args, "--config", str(REPO / "exfm.yaml")]
     for item in [
         *TINY,
+        *TASKS,
         f"lakehouse_root={root / 'lakehouse'}",
         "spark.master=local[1]",
     ]:
@@ -60,29 +63,45 @@ def test_teacher_scores_equal_direct_torch_scores(spark, world):
 
     # The same snapshot in plain torch over the day's merged requests (tiny: collected here).
     snap = snapshots.load(row.uri)
+    assert snap.meta["labels"] == ["click", "like"] and set(snap.meta["train_rates"]) == {"click", "like"}
     model = train_fm.build_model(snap.meta["model_config"])
     model.load_state_dict(snap.state["model"])
     model.eval()
     requests = read_day(spark, cfg, FM_DATASET, day).toPandas()
     with torch.no_grad():
-        logit = das.teacher_logits(model, FeatureEncoder.from_state(snap.meta["encoder"]), pa.table(requests))
-    direct = dict(zip(requests["request_id"], torch.sigmoid(logit).double().numpy(), strict=True))
+        encoder = FeatureEncoder.from_state(snap.meta["encoder"])
+        heads = (
+            torch.sigmoid(das.teacher_logits(model, encoder, pa.table(requests))).double().numpy()
+        )  # (N, 2)
+    direct = {
+        label: dict(zip(requests["request_id"], heads[:, k], strict=True))
+        for k, label in enumerate(["click", "like"])
+    }
 
     scored = read_day(spark, cfg, VM_TRAINING, day).toPandas()
     traffic = read_day(spark, cfg, VM_TRAFFIC, day)
     assert len(scored) == traffic.count()  # every VM row of the day, nothing else
     assert set(scored["teacher_snapshot_id"]) == {row.snapshot_id}
-    diff = np.abs(scored["teacher_score"].to_numpy() - scored["request_id"].map(direct).to_numpy())
-    assert diff.max() < 1e-6, diff.max()
+    # Each VM's rows carry its task's head: the click head for feed and search, the like head
+    # for video; the other head's scores are not theirs.
+    for vm in cfg.vms:
+        rows = scored[scored["vm"] == vm.name]
+        other = "click" if vm.label == "like" else "like"
+        diff = np.abs(rows["teacher_score"].to_numpy() - rows["request_id"].map(direct[vm.label]).to_numpy())
+        assert diff.max() < 1e-6, (vm.name, diff.max())
+        swapped = np.abs(rows["teacher_score"].to_numpy() - rows["request_id"].map(direct[other]).to_numpy())
+        assert swapped.mean() > 1e-3, (vm.name, swapped.mean())
     assert np.allclose(1 / (1 + np.exp(-scored["teacher_logit"])), scored["teacher_score"], atol=1e-6)
     # A request several VMs saw is scored once: one score per request, fewer requests than rows.
     assert out["requests_scored"] == requests.shape[0] < len(scored)
-    assert (scored.groupby("request_id")["teacher_score"].nunique() == 1).all()
+    assert (scored.groupby(["request_id", "vm"]).size() == 1).all()
+    click_rows = scored[scored["vm"] != "video"]
+    assert (click_rows.groupby("request_id")["teacher_score"].nunique() == 1).all()
 
 
 def test_model_loads_once_per_python_worker(spark, world):
     root, _ = world
-    cfg = tiny_config(root, "das.batch_size=50")  # many batches per task
+    cfg = tiny_config(root, *TASKS, "das.batch_size=50")  # many batches per task
     spark.conf.set("spark.sql.shuffle.partitions", "8")  # 8 scoring tasks on 2 cores
     spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", "false")
     try:
@@ -216,7 +235,7 @@ def test_broken_snapshot_is_rejected_and_the_pointer_stays(spark, world):
 
 def test_racing_updaters_move_the_pointer_once(spark, world):
     root, _ = world
-    cfg = tiny_config(root, "das.pointer=race")
+    cfg = tiny_config(root, *TASKS, "das.pointer=race")
     results, errors = [], []
     barrier = threading.Barrier(2)
 
@@ -246,7 +265,7 @@ def test_racing_updaters_move_the_pointer_once(spark, world):
 
 def test_gc_keeps_held_leased_and_newest_snapshots(spark, world):
     root, _ = world
-    cfg = tiny_config(root, "das.keep_last=1")
+    cfg = tiny_config(root, *TASKS, "das.keep_last=1")
     rows = publishing.list_snapshots(cfg, spark)
     assert [r.trained_through_ds for r in rows] == ["2026-01-04", "2026-01-03", "2026-01-02", "2026-01-01"]
     # Day 1 was never held (the first update went straight to day 2); days 2 and 3 were held

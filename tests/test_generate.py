@@ -171,6 +171,35 @@ def test_what_a_vm_sees_does_not_change_the_oracle(tmp_path):
     )
 
 
+def test_a_task_vm_gets_a_correlated_truth_and_leaves_the_click_world_as_it_is(tmp_path):
+    """Paper Table 5: video's label becomes a like. Every click truth and label stays as it was, the
+    like truth follows part of the click's structure, and video's like rate is its base rate."""
+    clicks = tiny_config(tmp_path / "clicks", "synthetic.rows_per_day=6000", "synthetic.rows_per_file=6000")
+    tasks = tiny_config(
+        tmp_path / "tasks",
+        "synthetic.rows_per_day=6000",
+        "synthetic.rows_per_file=6000",
+        "vms.2.label=like",
+        "vms.2.task=like",
+    )
+    for cfg in (clicks, tasks):
+        generate.run("2026-01-03", cfg)
+    a, b = (pd.read_parquet(f"{cfg.truth}/ds=2026-01-03") for cfg in (clicks, tasks))
+    pd.testing.assert_frame_equal(a, b[a.columns])
+    assert "p_like" not in a and b["p_like"].between(0, 1, inclusive="neither").all()
+    assert 0.2 < np.corrcoef(np.log(b["p_click"]), np.log(b["p_like"]))[0, 1] < 0.95  # related, not the same
+    video = b[b["home_vm"] == "video"]
+    assert abs(video["p_like"].mean() / tasks.synthetic.base_ctr["video"] - 1) < 0.2
+    # video logs the like, feed still the click of the same requests.
+    landed = _landing(tasks, "2026-01-03", "video")
+    assert "like" in landed and "click" not in landed and set(landed["like"]) == {0, 1}
+    pd.testing.assert_frame_equal(
+        _landing(clicks, "2026-01-03", "feed"), _landing(tasks, "2026-01-03", "feed")
+    )
+    with pytest.raises(ValueError, match="label 'like' is task 'like' in one VM and 'follow'"):
+        tiny_config(tmp_path, "vms.1.label=like", "vms.1.task=like", "vms.2.label=like", "vms.2.task=follow")
+
+
 def test_rejects_unknown_features_and_days_before_start(tmp_path):
     with pytest.raises(ValueError, match="cannot make features"):
         generate.run("2026-01-01", tiny_config(tmp_path, "vms.0.dense.0=mystery"))

@@ -65,7 +65,7 @@ def test_snapshot_is_verified_by_sha256(world, tmp_path):
 def test_resume_in_three_processes_equals_one_continuous_run(spark, world, tmp_path):
     root, cfg = world
     # One process, one model object trained through days 1..3 without any snapshot in between.
-    prior = day_ctr(spark, cfg, FM_DATASET, DAYS[0], "click")
+    prior = (day_ctr(spark, cfg, FM_DATASET, DAYS[0], "click"),)
     model, optimizer, encoder, _ = train_fm.start(cfg, None, prior)
     for day in DAYS[:3]:
         batches = day_batches(
@@ -74,7 +74,7 @@ def test_resume_in_three_processes_equals_one_continuous_run(spark, world, tmp_p
             FM_DATASET,
             day,
             encoder,
-            label="click",
+            label=cfg.fm_labels,
             batch_size=cfg.fm.batch_size,
             update_stats=True,
             holdout="exclude",

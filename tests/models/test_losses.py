@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.losses import METHODS, DistillConfig, adapter_loss, scaled_label, vm_loss
+from models.losses import METHODS, DistillConfig, adapter_loss, fm_loss, scaled_label, vm_loss
 
 
 def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,3 +84,15 @@ def test_ah_sa_needs_sa_head():
 def test_adapter_loss_is_eq6():
     out, y, _ = make()
     torch.testing.assert_close(adapter_loss(out["logit"], y), bce(out["logit"], y))
+
+
+def test_fm_loss_sums_the_labelled_tasks_of_each_request():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 2, generator=g)
+    y = torch.tensor([[1.0, 0.0], [0.0, float("nan")], [1.0, 1.0], [float("nan"), 0.0], [0.0, 0.0]])
+    labelled = [(b, t) for b in range(5) for t in range(2) if not torch.isnan(y[b, t])]
+    by_hand = sum(bce(logits[b, t : t + 1], y[b, t : t + 1]) for b, t in labelled)
+    torch.testing.assert_close(fm_loss(logits, y, reduction="sum"), by_hand)
+    torch.testing.assert_close(fm_loss(logits, y), by_hand / 5)  # over the batch's requests
+    one_task = y[:, :1].nan_to_num(0.0)  # a single task without gaps: the mean BCE of Eq 1
+    torch.testing.assert_close(fm_loss(logits[:, :1], one_task), bce(logits[:, 0], one_task[:, 0]))
