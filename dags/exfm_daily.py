@@ -11,17 +11,33 @@ then the FM trains on `ds` for tomorrow.
 * `report`: the day's HTML page
 
 Every task calls the same `jobs.<step>.run` as the `exfm` CLI and is idempotent, so a retry or
-a clear is safe. Backfill with `--max-active-runs 1`: day t needs the models of day t-1.
+a clear is safe. A contract or quality failure fails its task at once (no retry): fix the data
+and clear the task. Backfill with `--max-active-runs 1`: day t needs the models of day t-1.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import Asset, dag, get_current_context, task
 
 SPARK_POOL = "exfm_spark"  # one slot per Spark session the machine can hold (`airflow pools set`)
+# The lakehouse's published tables as Airflow Assets: each task's inlets and outlets, so the UI
+# draws the data flow (what reads what another task wrote). Names, not paths: the paths come
+# from the config, which the DAG does not load at parse time.
+TABLES = (
+    "vm_traffic",
+    "fm_dataset",
+    "fm_snapshots",
+    "fm_pointer",
+    "vm_training",
+    "vm_snapshots",
+    "vm_eval",
+    "reports",
+)
+A = {t: Asset(name=f"exfm.{t}", uri=f"exfm://lakehouse/{t}", group="exfm") for t in TABLES}
 
 
 def _ctx():
@@ -62,6 +78,25 @@ def _with_spark_connection(cfg):
     return cfg.model_copy(update={"spark": spark})
 
 
+def _bad_data_fails_at_once(step):
+    """A contract or quality failure (``DataError``) fails the task without its retries: the same
+    data fails the same way, and retrying would only delay the message by minutes."""
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from jobs.config import DataError
+
+        try:
+            return step(*args, **kwargs)
+        except DataError as e:
+            raise AirflowFailException(str(e)) from e
+
+    return run
+
+
+@_bad_data_fails_at_once
 def _gate(table: str) -> dict:
     from jobs import quality
 
@@ -86,46 +121,67 @@ def _gate(table: str) -> dict:
 )
 def exfm_daily():
     @task(doc_md="Landing files of `ds` → staged `vm_traffic` (contract checks before any write).")
+    @_bad_data_fails_at_once
     def ingest_traffic() -> dict:
         from jobs import ingest
 
         return ingest.run(*_ctx())
 
-    @task(doc_md="GX suite `vm_traffic` on the staged day; publishes it only if it passes.")
+    @task(
+        outlets=[A["vm_traffic"]],
+        doc_md="GX suite `vm_traffic` on the staged day; publishes it only if it passes.",
+    )
     def gate_vm_traffic() -> dict:
         return _gate("vm_traffic")
 
-    @task(doc_md="`vm_traffic[ds]` → staged `fm_dataset`: one row per request, union of the VMs' features.")
+    @task(
+        inlets=[A["vm_traffic"]],
+        doc_md="`vm_traffic[ds]` → staged `fm_dataset`: one row per request, union of the VMs' features.",
+    )
     def build_fm_dataset() -> dict:
         from jobs import fm_dataset
 
         return fm_dataset.run(*_ctx())
 
-    @task(doc_md="GX suite `fm_dataset`; publishes the day only if it passes.")
+    @task(outlets=[A["fm_dataset"]], doc_md="GX suite `fm_dataset`; publishes the day only if it passes.")
     def gate_fm_dataset() -> dict:
         return _gate("fm_dataset")
 
-    @task(depends_on_past=True, doc_md="One pass of the FM over `fm_dataset[ds]`, from the FM of `ds-1`.")
+    @task(
+        depends_on_past=True,
+        inlets=[A["fm_dataset"]],
+        doc_md="One pass of the FM over `fm_dataset[ds]`, from the FM of `ds-1`.",
+    )
     def train_fm() -> dict:
         from jobs import train_fm
 
         out = train_fm.run(*_ctx(), publish=False)
         return {k: out[k] for k in ("ds", "snapshot", "sha256", "n_examples", "train_loss")}
 
-    @task(doc_md="Verify and bless the FM snapshot of `ds`, then append its `fm_snapshots` row.")
+    @task(
+        outlets=[A["fm_snapshots"]],
+        doc_md="Verify and bless the FM snapshot of `ds`, then append its `fm_snapshots` row.",
+    )
     def publish_fm() -> dict:
         from jobs import publishing
 
         return publishing.publish(*_ctx())
 
-    @task(doc_md="Move `fm_pointer` to the newest eligible snapshot (compare-and-set) or extend its lease.")
+    @task(
+        inlets=[A["fm_snapshots"]],
+        outlets=[A["fm_pointer"]],
+        doc_md="Move `fm_pointer` to the newest eligible snapshot (compare-and-set) or extend its lease.",
+    )
     def update_pointer() -> dict:
         from jobs import publishing
 
         _, cfg, spark = _ctx()
         return publishing.update_pointer(cfg, spark)
 
-    @task(doc_md="DAS: the FM trained through `ds-1` scores every VM row of `ds` → staged `vm_training`.")
+    @task(
+        inlets=[A["vm_traffic"], A["fm_pointer"], A["fm_snapshots"]],
+        doc_md="DAS: the FM trained through `ds-1` scores every VM row of `ds` → staged `vm_training`.",
+    )
     def das_score() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -139,7 +195,10 @@ def exfm_daily():
         out = das.run(ds, cfg, spark)
         return {k: out[k] for k in ("ds", "snapshot_id", "fm_staleness_days", "rows", "requests_scored")}
 
-    @task(doc_md="GX suite `teacher_scores` (`vm_training`); publishes the day only if it passes.")
+    @task(
+        outlets=[A["vm_training"]],
+        doc_md="GX suite `teacher_scores` (`vm_training`); publishes the day only if it passes.",
+    )
     def gate_vm_training() -> dict:
         return _gate("vm_training")
 
@@ -153,6 +212,8 @@ def exfm_daily():
         depends_on_past=True,  # each (vm, method) continues from its snapshot of ds-1
         trigger_rule="none_failed",  # runs on a cold-start day, when the DAS was skipped
         map_index_template="{{ pair_label }}",
+        inlets=[A["vm_training"], A["vm_traffic"]],
+        outlets=[A["vm_snapshots"]],
         doc_md="One pass of VM `vm` with `method` over `vm_training[ds, vm]` (labels only on a cold start).",
     )
     def train_vm(pair: dict) -> dict:
@@ -169,6 +230,7 @@ def exfm_daily():
 
     @task(
         trigger_rule="none_failed",  # runs on a cold-start day, when the DAS was skipped
+        inlets=[A["vm_snapshots"], A["fm_snapshots"], A["vm_training"], A["vm_traffic"]],
         doc_md="Snapshots of `ds-1` and the teacher scores of `ds` on day `ds`: NE, AUC, calibration.",
     )
     def evaluate() -> dict:
@@ -181,11 +243,16 @@ def exfm_daily():
             raise AirflowSkipException(f"no models trained through the day before {out['ds']}")
         return out
 
-    @task(doc_md="GX suite `vm_eval`; publishes the day's metrics only if they pass.")
+    @task(outlets=[A["vm_eval"]], doc_md="GX suite `vm_eval`; publishes the day's metrics only if they pass.")
     def gate_vm_eval() -> dict:
         return _gate("vm_eval")
 
-    @task(trigger_rule="none_failed", doc_md="The day's HTML report and the index of all days.")
+    @task(
+        trigger_rule="none_failed",
+        inlets=[A["vm_eval"]],
+        outlets=[A["reports"]],
+        doc_md="The day's HTML report and the index of all days.",
+    )
     def report() -> dict:
         from jobs import report
 

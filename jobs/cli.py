@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 
-from jobs.config import ENV_PREFIX, ConfigError, ExfmConfig, load_config, parse_ds
+from jobs.config import ENV_PREFIX, ConfigError, DataError, ExfmConfig, load_config, parse_ds
 
 log = logging.getLogger("exfm")
 
@@ -47,11 +47,7 @@ def cmd_validate(cfg: ExfmConfig, args) -> None:
     from jobs import quality
     from jobs.spark import build_spark
 
-    try:
-        _print(quality.run(args.table, args.ds, cfg, build_spark(cfg)))
-    except quality.QualityError as e:
-        print(f"exfm validate: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    _print(quality.run(args.table, args.ds, cfg, build_spark(cfg)))
 
 
 def cmd_train_fm(cfg: ExfmConfig, args) -> None:
@@ -129,6 +125,14 @@ def cmd_snapshots(cfg: ExfmConfig, args) -> None:
         print(f"{mark:2}{r.snapshot_id:<32}{r.trained_through_ds:<12}{r.status:<10}{ne:>11}{ref:>9}  {files}")
     if pointer:
         print(f"pointer {cfg.das.pointer}: {held}, lease until {pointer.lease_expires_at:%Y-%m-%d %H:%M} UTC")
+
+
+def cmd_lineage(cfg: ExfmConfig, args) -> None:
+    """What data made a VM snapshot: its rows, its teacher, the teacher's rows (table versions)."""
+    from jobs import lineage
+    from jobs.spark import build_spark
+
+    _print(lineage.run(cfg, build_spark(cfg), vm=args.vm, method=args.method, ds=args.ds))
 
 
 def cmd_demo(cfg: ExfmConfig, args) -> None:
@@ -306,6 +310,13 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("snapshots", parents=[common], help="list FM snapshots and the pointer")
     sp.set_defaults(func=cmd_snapshots)
     sp = sub.add_parser(
+        "lineage", parents=[common], help="what data made a VM snapshot: VM -> teacher FM -> table versions"
+    )
+    sp.add_argument("--vm", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--ds", required=True, help="the day the snapshot was trained through")
+    sp.set_defaults(func=cmd_lineage)
+    sp = sub.add_parser(
         "demo", parents=[common], help="synthetic days through the exfm_daily DAG (Airflow), then the report"
     )
     day_range(sp)
@@ -334,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # e.g. a study file that does not exist or does not validate
         print(f"exfm: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # the message names the table or file, the column and the rule
+        print(f"exfm {args.command}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     return 0
 
 

@@ -28,6 +28,11 @@ RESERVED_COLUMNS = (*CONTRACT_COLUMNS, "ds", "vm", "source_vms")
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
 
 
+class DataError(ValueError):
+    """A day's data breaks the input contract or a quality gate: running again cannot fix it,
+    so the CLI exits 1 with the message alone and the DAG fails the task without a retry."""
+
+
 class ConfigError(ValueError):
     """The config file or an override is invalid; the message names the field."""
 
@@ -190,6 +195,9 @@ class QualitySettings(_Frozen):
     row_count_factor: float = Field(3.0, gt=1)  # rows within [mean / f, mean * f]
     ctr_factor: float = Field(2.0, gt=1)  # each label's mean within [mean / f, mean * f]
     teacher_ctr_factor: float = Field(3.0, gt=1)  # mean teacher_score within [ctr / f, ctr * f]
+    # A request a VM logged more than once with different labels: ingest stops when more than this
+    # share of a VM's requests conflict (0: any); below it, one line is kept without favouring a label.
+    max_conflicting_labels: float = Field(0.0, ge=0, le=1)
     # Dense feature -> [min, max] (inclusive). Features without a range must still be finite.
     dense_ranges: dict[Identifier, tuple[float, float]] = Field(default_factory=dict)
     gx_root: str | None = None  # GX file project (suites, results); default <lakehouse_root>/_gx
@@ -219,35 +227,35 @@ class ExfmConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check_registry(self) -> ExfmConfig:
+        # Every problem at once, not one per round. Settings for names the registry does not have
+        # (synthetic.base_ctr of the demo's VMs, quality.dense_ranges of undeclared features) do
+        # not apply to it and are ignored, so a config for your own logs needs no emptying.
+        problems = []
         names = [v.name for v in self.vms]
         if len(set(names)) != len(names):
-            raise ValueError(f"VM names must be unique, got {names}")
+            problems.append(f"VM names must be unique, got {names}")
         if "all" in names:  # vm_eval's row of the FM on every VM's requests (evaluate.ALL_VMS)
-            raise ValueError("VM name 'all' is reserved: vm_eval uses it for the FM on the merged dataset")
+            problems.append("VM name 'all' is reserved: vm_eval uses it for the FM on the merged dataset")
         # One feature name = one meaning = one column of the FM dataset, so one kind.
         kinds: dict[str, str] = {}
         for vm in self.vms:
             for kind, cols in (("categorical", vm.categorical), ("dense", vm.dense), ("label", (vm.label,))):
                 for col in cols:
                     if kinds.setdefault(col, kind) != kind:
-                        raise ValueError(
+                        problems.append(
                             f"column {col!r} is {kinds[col]} in one VM and {kind} in VM {vm.name!r}"
                         )
         tasks: dict[str, str] = {}  # a label column merges across VMs in the FM dataset: one meaning
         for vm in self.vms:
             if tasks.setdefault(vm.label, vm.task) != vm.task:
-                raise ValueError(
+                problems.append(
                     f"label {vm.label!r} is task {tasks[vm.label]!r} in one VM "
                     f"and {vm.task!r} in VM {vm.name!r}"
                 )
         if set(self.fm.source_vms) - set(names):
-            raise ValueError(f"fm.source_vms {list(self.fm.source_vms)}: VMs not in the registry {names}")
-        unknown = sorted(set(self.synthetic.base_ctr) - set(names))
-        if unknown:
-            raise ValueError(f"synthetic.base_ctr names VMs not in the registry: {unknown}")
-        unknown = sorted(set(self.quality.dense_ranges) - set(self.dense_features))
-        if unknown:
-            raise ValueError(f"quality.dense_ranges names columns that are no VM's dense feature: {unknown}")
+            problems.append(f"fm.source_vms {list(self.fm.source_vms)}: VMs not in the registry {names}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     # --- derived views of the registry -------------------------------------------------

@@ -34,6 +34,7 @@ from jobs.lakehouse import (
     arrow_day,
     day_files,
     day_values,
+    filesystem,
     quote,
     render_sql,
     table_version,
@@ -219,15 +220,16 @@ def _train_rate(meta: dict, label: str) -> float:
 
 def oracle_logloss(day: dt.date, vm: VmSpec, cfg: ExfmConfig, spark) -> float | None:
     """Mean LogLoss of the generator's true probabilities on the VM's rows; None without truth."""
-    from pyspark.errors import AnalysisException
+    from pyarrow import fs as pafs
 
     from jobs.generate import TASKS
     from models.metrics import LOGLOSS_EPS
 
-    try:
-        truth = spark.read.parquet(f"{cfg.truth}/ds={day.isoformat()}")
-    except AnalysisException:  # not synthetic data: no truth files for the day
+    path = f"{cfg.truth}/ds={day.isoformat()}"
+    storage, local = filesystem(path)
+    if storage.get_file_info(local).type == pafs.FileType.NotFound:  # not synthetic data: no oracle
         return None
+    truth = spark.read.parquet(path)
     row = spark.sql(
         render_sql("oracle_logloss", label=quote(vm.label), truth=quote(f"p_{TASKS[vm.task][0]}")),
         args={"ds": day.isoformat(), "vm": vm.name, "eps": LOGLOSS_EPS},

@@ -16,14 +16,14 @@ import re
 from collections import defaultdict
 
 from jobs import quality
-from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
+from jobs.config import CONTRACT_COLUMNS, DataError, ExfmConfig, parse_ds
 from jobs.lakehouse import VM_TRAFFIC, filesystem, quote, table_version
 
 FORMATS = ("parquet", "csv")
 MAX_REPORTED = 10  # problems listed in one error message
 
 
-class ContractError(ValueError):
+class ContractError(DataError):
     """Landing data breaks the input contract; the message names the file, column and rule."""
 
 
@@ -41,13 +41,14 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     files = _landing_files(cfg, day)
     raw = _read_and_cast(spark, cfg, day, files)
     stats = _check_contract(raw, cfg, files)
+    conflicts = _check_conflicting_labels(raw, cfg)
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    # Duplicated log lines: keep one row per (vm, request_id), deterministically.
-    label = F.coalesce(*[F.col(c) for c in cfg.labels])
-    first = Window.partitionBy("vm", "request_id").orderBy("event_ts", label.desc(), "_file")
+    # Duplicated log lines: keep one row per (vm, request_id), deterministically: the earliest,
+    # then by a hash of the whole line, so a tie of conflicting labels favours neither label.
     columns = list(contract_types(cfg))
+    first = Window.partitionBy("vm", "request_id").orderBy("event_ts", F.xxhash64(*columns))
     deduped = (
         raw.withColumn("_rank", F.row_number().over(first)).where("_rank = 1").select(*columns, "ds", "vm")
     )
@@ -64,6 +65,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         "ds": day.isoformat(),
         "rows": {vm: written.get(vm, (0, 0))[0] for vm in stats},
         "duplicates_dropped": {vm: stats[vm] - written.get(vm, (0, 0))[0] for vm in stats},
+        "conflicting_labels": conflicts,
         "ctr": {vm: (c or 0) / n for vm, (n, c) in written.items() if n},
         "staged_version": table_version(spark, cfg, quality.staging_table(VM_TRAFFIC)),
     }
@@ -119,27 +121,40 @@ def _read_and_cast(spark, cfg: ExfmConfig, day: dt.date, files: dict[str, list[t
     from pyspark.sql import functions as F
 
     types = contract_types(cfg)
-    frames = []
+    frames, problems = [], []
     for vm in cfg.vms:
         needed = [*CONTRACT_COLUMNS, *vm.features, vm.label]
         by_schema: dict[tuple, list[str]] = defaultdict(list)
         for path, fmt in files[vm.name]:
-            schema = _schema(spark, path, fmt)
-            missing = [c for c in needed if c not in schema.fieldNames()]
-            if missing:
-                raise ContractError(
+            try:
+                names, types_key, nanos = _schema(spark, path, fmt)
+            except ContractError as e:
+                problems.append(str(e))  # every unreadable file of the day, not only the first
+                continue
+            missing = [c for c in needed if c not in names]
+            if missing:  # listed with the others, not read
+                problems.append(
                     f"landing file {path} (VM {vm.name}) is missing contract column(s) {missing}; "
-                    f"it has {schema.fieldNames()}"
+                    f"it has {names}"
                 )
-            by_schema[(fmt, schema.json())].append(path)
+                continue
+            by_schema[(fmt, types_key, nanos)].append(path)
+        if problems:
+            continue  # the day fails below; read nothing more
         # Files with one schema are read together; different schemas are cast then unioned.
-        for (fmt, _), paths in by_schema.items():
+        for (fmt, _, nanos), paths in by_schema.items():
             df = _reader(spark, fmt).load(paths).withColumn("_file", F.col("_metadata.file_path"))
             cols = [F.col("_file")]
             for col in needed:
-                cols.append(F.expr(f"try_cast({quote(col)} AS {types[col]})").alias(col))
+                if col in nanos:  # int64 nanoseconds since the epoch (UTC): microseconds, truncated
+                    cast = F.expr(f"timestamp_micros(div({quote(col)}, 1000))")
+                else:
+                    cast = F.expr(f"try_cast({quote(col)} AS {types[col]})")
+                cols.append(cast.alias(col))
                 cols.append(F.col(col).cast("string").alias(f"_raw_{col}"))
             frames.append(df.select(*cols).withColumn("vm", F.lit(vm.name)))
+    if problems:
+        raise ContractError(_listed(problems, "landing file(s) cannot be ingested"))
     out = frames[0]
     for frame in frames[1:]:
         out = out.unionByName(frame, allowMissingColumns=True)
@@ -150,8 +165,27 @@ def _read_and_cast(spark, cfg: ExfmConfig, day: dt.date, files: dict[str, list[t
     return out.withColumn("ds", F.lit(day.isoformat()))
 
 
-def _schema(spark, path: str, fmt: str):
-    """The file's schema, or a ContractError if Spark cannot read it (truncated, not parquet)."""
+def _schema(spark, path: str, fmt: str) -> tuple[list[str], str, frozenset[str]]:
+    """(column names, the schema as text, timestamp columns in nanoseconds) of a landing file, or
+    a ContractError that says in words why it cannot be read (not parquet, truncated, no header).
+    Files of one schema text are read together (Spark reads a column with one type per read)."""
+    if fmt == "parquet":  # the footer only, with pyarrow: no Spark job per file
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, local = filesystem(path)
+        try:
+            with fs.open_input_file(local) as f:
+                schema = pq.read_schema(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            why = (
+                "it is not a parquet file, or it was cut short (no parquet footer at its end)"
+                if "magic bytes" in str(e)
+                else f"its parquet metadata is corrupt, e.g. a truncated file ({_first_line(e)})"
+            )
+            raise ContractError(f"landing file {path} cannot be read: {why}") from None
+        nanos = frozenset(f.name for f in schema if pa.types.is_timestamp(f.type) and f.type.unit == "ns")
+        return schema.names, str(schema), nanos
     from py4j.protocol import Py4JJavaError
     from pyspark.errors import PySparkException
 
@@ -161,7 +195,14 @@ def _schema(spark, path: str, fmt: str):
         raise ContractError(f"landing file {path} cannot be read as {fmt}: {_first_line(e)}") from None
     if not schema.fields:  # a CSV without a header line
         raise ContractError(f"landing file {path} has no columns (empty {fmt} file)")
-    return schema
+    return schema.fieldNames(), schema.json(), frozenset()
+
+
+def _listed(problems: list[str], what: str) -> str:
+    """One message for every problem of the day (the first MAX_REPORTED of them)."""
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    shown = "\n  ".join(problems[:MAX_REPORTED])
+    return f"{len(problems)} {what}; vm_traffic was not changed:\n  {shown}{more}"
 
 
 def _local(path: str) -> str:
@@ -193,7 +234,8 @@ def _check_contract(raw, cfg: ExfmConfig, files: dict[str, list[tuple[str, str]]
         raw_col, cast = F.col(f"_raw_{col}"), F.col(col)
         rules.append((col, f"value cannot be cast to {types[col]}", raw_col.isNotNull() & cast.isNull()))
         if types[col] == "int":  # try_cast truncates 0.7 to 0: a label must be a whole number
-            rules.append((col, "value is not an integer", raw_col.cast("double") != cast.cast("double")))
+            as_double = F.expr(f"try_cast({quote('_raw_' + col)} AS double)")  # text: the cast rule's
+            rules.append((col, "value is not an integer", as_double != cast.cast("double")))
     for col in CONTRACT_COLUMNS:
         rules.append((col, "must not be null", F.col(f"_raw_{col}").isNull()))
     for vm in cfg.vms:
@@ -232,14 +274,39 @@ def _check_contract(raw, cfg: ExfmConfig, files: dict[str, list[tuple[str, str]]
                     f"({row[f'bad{i}']} rows, e.g. {row[f'ex{i}']!r})"
                 )
     if problems:
-        shown = problems[:MAX_REPORTED]
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise ContractError(
-            f"{len(problems)} contract violation(s); vm_traffic was not changed:\n  "
-            + "\n  ".join(shown)
-            + more
-        )
+        raise ContractError(_listed(problems, "contract violation(s)"))
     rows: dict[str, int] = defaultdict(int)
     for row in per_file:
         rows[row["vm"]] += row["rows"]
     return dict(rows)
+
+
+def _check_conflicting_labels(raw, cfg: ExfmConfig) -> dict[str, int]:
+    """Requests per VM logged more than once with different labels; a ContractError with counts
+    and examples when a VM's share is above ``quality.max_conflicting_labels``."""
+    from pyspark.sql import functions as F
+
+    label = F.coalesce(*[F.col(c) for c in cfg.labels])  # a VM's rows carry its own label
+    per_request = raw.groupBy("vm", "request_id").agg((F.countDistinct(label) > 1).alias("conflict"))
+    example = F.when(F.col("conflict"), F.col("request_id"))
+    per_vm = per_request.groupBy("vm").agg(
+        F.count("*").alias("requests"),
+        F.sum(F.col("conflict").cast("long")).alias("conflicting"),
+        F.min(example).alias("first"),
+        F.max(example).alias("last"),
+    )
+    problems, counts = [], {}
+    for row in per_vm.collect():  # one small row per VM
+        counts[row["vm"]] = row["conflicting"]
+        share = row["conflicting"] / row["requests"]
+        if row["conflicting"] and share > cfg.quality.max_conflicting_labels:
+            examples = sorted({row["first"], row["last"]})
+            problems.append(
+                f"VM {row['vm']}: column {cfg.vm(row['vm']).label}: {row['conflicting']} of "
+                f"{row['requests']} requests ({share:.2%}) are logged more than once with different labels "
+                f"(quality.max_conflicting_labels is {cfg.quality.max_conflicting_labels:.2%}), "
+                f"e.g. request_id {', '.join(examples)}"
+            )
+    if problems:
+        raise ContractError(_listed(problems, "VM(s) with conflicting labels"))
+    return dict(sorted(counts.items()))

@@ -88,11 +88,15 @@ def replace_partition(
     )
 
 
-def read_day(spark, cfg: ExfmConfig, table: str, ds: dt.date):
-    """The rows of one day of a Delta table (partition pruned)."""
+def read_day(spark, cfg: ExfmConfig, table: str, ds: dt.date, version: int | None = None):
+    """The rows of one day of a Delta table (partition pruned), at ``version`` (time travel) or the
+    current one."""
     from pyspark.sql import functions as F
 
-    return spark.read.format("delta").load(cfg.table(table)).where(F.col("ds") == ds.isoformat())
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(cfg.table(table)).where(F.col("ds") == ds.isoformat())
 
 
 def table_version(spark, cfg: ExfmConfig, table: str) -> int | None:
@@ -128,11 +132,13 @@ class DayFiles:
     partition-pruned), in arrival order when listed ``ordered``; None when the files alone would
     be wrong (out of order, deletion vectors, column mapping) and Spark must read the day.
     ``schema``: the table's columns as Arrow types, so a process without Spark (a training rank)
-    can read the files (``arrow_day(None, ...)``).
+    can read the files (``arrow_day(None, ...)``). ``version``: the table version they were listed
+    at, which every read of the listing is pinned to: what a model trained on (its lineage).
     """
 
     direct: list[str] | None
     schema: object = None  # pyarrow.Schema
+    version: int | None = None
 
 
 def day_files(
@@ -141,8 +147,9 @@ def day_files(
     """List one day's files (one Delta metadata query) for ``arrow_day`` and ``day_values``."""
     if not is_delta(cfg.table(table)):
         return DayFiles([])
-    df = _day(spark, cfg, table, ds, vm)
-    return DayFiles(_direct_files(spark, cfg, table, df, ordered), _arrow_schema(df.schema))
+    version = table_version(spark, cfg, table)
+    df = _day(spark, cfg, table, ds, vm, version)
+    return DayFiles(_direct_files(spark, cfg, table, df, ordered), _arrow_schema(df.schema), version)
 
 
 def _arrow_schema(schema):
@@ -152,10 +159,10 @@ def _arrow_schema(schema):
     return pa.schema([(f.name, to_arrow_type(f.dataType, timezone="UTC")) for f in schema.fields])
 
 
-def _day(spark, cfg: ExfmConfig, table: str, ds: dt.date, vm: str | None):
+def _day(spark, cfg: ExfmConfig, table: str, ds: dt.date, vm: str | None, version: int | None = None):
     from pyspark.sql import functions as F
 
-    df = read_day(spark, cfg, table, ds)
+    df = read_day(spark, cfg, table, ds, version)
     return df if vm is None else df.where(F.col("vm") == vm)
 
 
@@ -167,7 +174,7 @@ def day_values(
     import pyarrow.compute as pc
 
     if files.direct is None:
-        rows = _day(spark, cfg, table, ds, vm).select(column).distinct().collect()
+        rows = _day(spark, cfg, table, ds, vm, files.version).select(column).distinct().collect()
         return {r[0] for r in rows}
     seen = set()
     for f in files.direct:
@@ -216,7 +223,7 @@ def arrow_day(
     if direct is None:
         if spark is None:
             raise ValueError(f"{table} ds={ds}: its files alone cannot be read in order, only Spark can")
-        df = _day(spark, cfg, table, ds, vm) if df is None else df
+        df = _day(spark, cfg, table, ds, vm, files.version if files else None) if df is None else df
         log.info(
             "%s ds=%s%s: files not in arrival order, Spark sorts the day",
             table,

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from jobs.config import CONTRACT_COLUMNS, ExfmConfig, parse_ds
+from jobs.config import CONTRACT_COLUMNS, DataError, ExfmConfig, parse_ds
 from jobs.lakehouse import (
     DQ_RESULTS,
     FM_DATASET,
@@ -61,7 +61,7 @@ EVAL_METRICS = ("ne", "auc", "logloss", "calibration")
 _GX_LOCK = threading.Lock()
 
 
-class QualityError(ValueError):
+class QualityError(DataError):
     """A staged day failed its suite (or there is nothing to validate); it was not published."""
 
 
@@ -293,6 +293,8 @@ def _validate(suite_name: str, df, params: dict, cfg: ExfmConfig, run_name: str)
 def _rule_name(config) -> str:
     kw = config.kwargs
     where = kw.get("column") or ",".join(kw.get("column_list") or ()) or "table"
+    if kw.get("row_condition"):  # a subset, e.g. a VM's rows: a name of its own
+        where += f"; {config.description or kw['row_condition']}"
     return f"{config.type}({where})"
 
 
@@ -383,6 +385,19 @@ def vm_traffic_suite(cfg: ExfmConfig) -> list:
             gxe.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1]),
             gxe.ExpectColumnMeanToBeBetween(
                 column=label, min_value=_p(f"min_mean_{label}"), max_value=_p(f"max_mean_{label}")
+            ),
+        ]
+    for vm in cfg.vms:  # the same bands per VM: one VM's change must not hide in the day's total
+        of_vm = {"row_condition": Column("vm").is_in([vm.name]), "description": f"rows of VM {vm.name}"}
+        exps += [
+            gxe.ExpectTableRowCountToBeBetween(
+                min_value=_p(f"min_rows_vm_{vm.name}"), max_value=_p(f"max_rows_vm_{vm.name}"), **of_vm
+            ),
+            gxe.ExpectColumnMeanToBeBetween(
+                column=vm.label,
+                min_value=_p(f"min_mean_vm_{vm.name}"),
+                max_value=_p(f"max_mean_vm_{vm.name}"),
+                **of_vm,
             ),
         ]
     for col in cfg.dense_features:
@@ -519,34 +534,60 @@ def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
 
 
 def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
-    """Row count and label-mean bands from the published vm_traffic days before ds."""
+    """Row count and label-mean bands from the published vm_traffic days before ds: the day's
+    (``min_rows``, ``min_mean_<label>``, ...) and each VM's (``min_rows_vm_<vm>``, ``min_mean_vm_<vm>``)."""
     from pyspark.sql import functions as F
 
     q = cfg.quality
     bands = {"min_rows": 1, "max_rows": None}  # an empty day never passes
     bands |= {f"min_mean_{label}": 0.0 for label in cfg.labels}
     bands |= {f"max_mean_{label}": 1.0 for label in cfg.labels}
+    bands |= {f"min_rows_vm_{vm.name}": 1 for vm in cfg.vms} | {
+        f"max_rows_vm_{vm.name}": None for vm in cfg.vms
+    }
+    bands |= {f"min_mean_vm_{vm.name}": 0.0 for vm in cfg.vms} | {
+        f"max_mean_vm_{vm.name}": 1.0 for vm in cfg.vms
+    }
     if table_version(spark, cfg, VM_TRAFFIC) is None:
         return bands
     start = day - dt.timedelta(days=q.trailing_days)
-    history = (
+    label = F.coalesce(*[F.col(c) for c in cfg.labels])  # a VM's rows carry its own label
+    history = (  # one small row per VM
         spark.read.format("delta")
         .load(cfg.table(VM_TRAFFIC))
         .where((F.col("ds") >= start.isoformat()) & (F.col("ds") < day.isoformat()))
+        .groupBy("vm")
         .agg(
             F.countDistinct("ds").alias("days"),
             F.count("*").alias("rows"),
-            *[F.avg(label).alias(label) for label in cfg.labels],
+            F.sum(label).alias("positives"),
+            *[F.sum(c).alias(f"sum_{c}") for c in cfg.labels],
+            *[F.count(c).alias(f"n_{c}") for c in cfg.labels],
         )
-        .first()
+        .collect()
     )
-    if not history["days"]:
+    days = max((r["days"] for r in history), default=0)
+    if not days:
         return bands
-    mean_rows = history["rows"] / history["days"]
-    bands["min_rows"] = max(1, math.floor(mean_rows / q.row_count_factor))
-    bands["max_rows"] = math.ceil(mean_rows * q.row_count_factor)
-    for label in cfg.labels:
-        if history[label] is not None:
-            bands[f"min_mean_{label}"] = history[label] / q.ctr_factor
-            bands[f"max_mean_{label}"] = min(1.0, history[label] * q.ctr_factor)
+
+    def rows_band(rows_per_day: float) -> tuple[int, int]:
+        return max(1, math.floor(rows_per_day / q.row_count_factor)), math.ceil(
+            rows_per_day * q.row_count_factor
+        )
+
+    def mean_band(mean: float) -> tuple[float, float]:
+        return mean / q.ctr_factor, min(1.0, mean * q.ctr_factor)
+
+    bands["min_rows"], bands["max_rows"] = rows_band(sum(r["rows"] for r in history) / days)
+    for c in cfg.labels:
+        n = sum(r[f"n_{c}"] for r in history)
+        if n:  # sum() of a label is null on the VMs that do not carry it
+            bands[f"min_mean_{c}"], bands[f"max_mean_{c}"] = mean_band(
+                sum(r[f"sum_{c}"] or 0 for r in history) / n
+            )
+    for r in history:
+        if r["vm"] in {vm.name for vm in cfg.vms}:
+            vm = r["vm"]
+            bands[f"min_rows_vm_{vm}"], bands[f"max_rows_vm_{vm}"] = rows_band(r["rows"] / r["days"])
+            bands[f"min_mean_vm_{vm}"], bands[f"max_mean_vm_{vm}"] = mean_band(r["positives"] / r["rows"])
     return bands

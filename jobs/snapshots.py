@@ -74,14 +74,20 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(f"{path}/{META}").type == pafs.FileType.File
 
 
-def load(uri: str) -> Snapshot:
-    import torch
-
+def read_meta(uri: str) -> dict:
+    """A snapshot's meta.json alone (no tensors): what it is and what it was trained on."""
     fs, path = _fs(uri)
     if not exists(uri):
         raise SnapshotError(f"no snapshot at {uri} (missing {META})")
     with fs.open_input_stream(f"{path}/{META}") as f:
-        meta = json.loads(f.read())
+        return json.loads(f.read())
+
+
+def load(uri: str) -> Snapshot:
+    import torch
+
+    fs, path = _fs(uri)
+    meta = read_meta(uri)
     with fs.open_input_stream(f"{path}/{meta['model_file']}") as f:
         payload = f.read()
     sha = hashlib.sha256(payload).hexdigest()

@@ -49,6 +49,9 @@ def _session_conf(cfg: ExfmConfig) -> dict[str, str]:
         "spark.sql.legacy.parameterSubstitution.constantsOnly": "true",
         # INT96 (the default) has no min/max statistics; readers order files by event_ts stats.
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # pandas writes event times as TIMESTAMP(NANOS), which Spark cannot read as a timestamp;
+        # read as the int64 they are, ingest converts them to microseconds (jobs/ingest.py).
+        "spark.sql.legacy.parquet.nanosAsLong": "true",
     }
 
 

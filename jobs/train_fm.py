@@ -115,8 +115,11 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, fresh: bool = False, publi
         return saved if not publish else saved | {"published": publishing.publish(day, cfg, spark)}
     model, optimizer, encoder, model_config = start(cfg, prev_uri, prior)
     progress = Progress(f"train-fm ds={day}")
-    totals = fit_day(model, optimizer, _batches(spark, cfg, day, encoder, labels), progress)
-    saved = _save(cfg, day, prev_uri, model, optimizer, model_config, encoder, labels, progress, totals)
+    files = day_files(spark, cfg, FM_DATASET, day)
+    totals = fit_day(model, optimizer, _batches(spark, cfg, day, encoder, labels, files=files), progress)
+    saved = _save(
+        cfg, day, prev_uri, model, optimizer, model_config, encoder, labels, progress, totals, files
+    )
     if not publish:
         return saved
     return saved | {"published": publishing.publish(day, cfg, spark)}
@@ -138,7 +141,9 @@ def _batches(spark, cfg: ExfmConfig, day: dt.date, encoder, labels: tuple[str, .
     )
 
 
-def _save(cfg, day, prev_uri, model, optimizer, model_config, encoder, labels, progress, totals, **extra):
+def _save(
+    cfg, day, prev_uri, model, optimizer, model_config, encoder, labels, progress, totals, files, **extra
+):
     # Per task, positives / labelled rows (0 for a task the day had no label of).
     rates = {label: float(p / max(n, 1)) for label, p, n in zip(labels, *totals, strict=True)}
     return save_day(
@@ -155,6 +160,8 @@ def _save(cfg, day, prev_uri, model, optimizer, model_config, encoder, labels, p
         kind="fm",
         labels=list(labels),  # the head of task k predicts labels[k]
         train_rates=rates,
+        # The rows it learned from: the day of this table version, without the blessing holdout.
+        trained_on={"table": FM_DATASET, "ds": day.isoformat(), "version": files.version},
         **extra,
     )
 
@@ -205,7 +212,7 @@ def _rank(
         encoder.merge_shards(start_stats, ends)
         progress.rows, progress.loss_sum = int(sums[0]), float(sums[1])
         model_state = (model, optimizer, model_config, encoder)
-        return _save(cfg, day, prev_uri, *model_state, labels, progress, totals, num_processes=world)
+        return _save(cfg, day, prev_uri, *model_state, labels, progress, totals, files, num_processes=world)
     finally:
         dist.destroy_process_group()
 

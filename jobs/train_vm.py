@@ -136,6 +136,8 @@ def run(
     teacher = day_teacher(day, vm.name, cfg, spark, listing)
     cold_start = teacher is None
     table = VM_TRAFFIC if cold_start else VM_TRAINING
+    if cold_start:
+        listing = day_files(spark, cfg, VM_TRAFFIC, day, vm=vm.name)
 
     prior = None if prev_uri else day_ctr(spark, cfg, table, day, vm.label, vm=vm.name)
     model, optimizer, adapter, adapter_optimizer, encoder, model_config = start(
@@ -157,7 +159,7 @@ def run(
         vm=vm.name,
         teacher=teacher_col,
         update_stats=True,
-        files=None if cold_start else listing,
+        files=listing,
     )
     clicks = fit_day(model, optimizer, distill, batches, progress, adapter, adapter_optimizer)
 
@@ -193,6 +195,8 @@ def run(
         method=method,
         distill=hyper,
         cold_start=cold_start,
+        # The rows it learned from: that day and VM of this table version (time travel reads them).
+        trained_on={"table": table, "ds": day.isoformat(), "vm": vm.name, "version": listing.version},
         **lineage,
     )
     ref = table_ref(cfg, VM_SNAPSHOTS)

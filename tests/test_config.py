@@ -33,7 +33,6 @@ def test_env_then_cli_overrides_win_in_that_order():
         ("vms.2.categorical.0=ad_quality", "ad_quality"),  # dense elsewhere: one meaning, one kind
         ("vms.1.name=feed", "unique"),
         ("vms.0.categorical.0=request_id", "reserved"),
-        ("synthetic.base_ctr.nope=0.1", "nope"),
         ("synthetic.shared_rate=1.5", "synthetic.shared_rate"),
         ("spark.masterr=local", "spark.masterr"),  # typos are errors, not silently ignored
         ("fm.source_vms=[feed, nope]", "nope"),  # the control arm names a VM of the registry
@@ -51,3 +50,15 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(REPO / "exfm.yaml", overrides=["spark.master"], env={})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_a_config_for_own_logs_needs_no_demo_settings_emptied_and_gets_every_error_at_once(tmp_path):
+    """The demo's synthetic.base_ctr and dense_ranges name VMs and features this registry lacks:
+    they do not apply and do not block it. Two registry mistakes are reported together."""
+    vm = "{name: shop, categorical: [ad_category], dense: [price], label: purchase}"
+    cfg = load_config(REPO / "exfm.yaml", overrides=[f"vms=[{vm}]"], env={})
+    assert [v.name for v in cfg.vms] == ["shop"] and cfg.labels == ("purchase",)
+    twice = f"vms=[{vm}, {{name: shop, categorical: [price], label: purchase}}]"
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "exfm.yaml", overrides=[twice], env={})
+    assert "VM names must be unique" in str(e.value) and "column 'price' is dense" in str(e.value)

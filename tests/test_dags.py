@@ -37,7 +37,9 @@ bag = DagBag(dag_folder=sys.argv[1])
 heavy = sorted(m for m in ("torch", "pyspark", "jobs", "great_expectations") if m in sys.modules)
 dag = bag.dags["exfm_daily"]
 print("RESULT " + json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy,
-                              "structure": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}}))
+                              "structure": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks},
+                              "assets": {t.task_id: [sorted(a.name for a in t.inlets),
+                                                     sorted(a.name for a in t.outlets)] for t in dag.tasks}}))
 """
 
 
@@ -65,6 +67,23 @@ def test_dag_parses_light_and_is_wired_as_designed(tmp_path):
     assert result["errors"] == {}  # also: no cycles (a cycle is an import error)
     assert result["heavy"] == []  # nothing heavy at parse time
     assert result["structure"] == STRUCTURE
+    # Data flow as Airflow Assets: each table has one writer (its gate or publisher), and a task
+    # that reads a table of the same day runs downstream of its writer (snapshots and the pointer
+    # it reads are the day before's).
+    assets = result["assets"]
+    writers = {a: t for t, (_, outs) in assets.items() for a in outs}
+    assert (
+        writers["exfm.vm_traffic"] == "gate_vm_traffic" and writers["exfm.vm_training"] == "gate_vm_training"
+    )
+    assert sum(len(outs) for _, outs in assets.values()) == len(writers)  # one writer per table
+
+    def upstream(task, seen=()):
+        parents = {t for t, children in STRUCTURE.items() if task in children}
+        return parents | {u for p in parents - set(seen) for u in upstream(p, (*seen, *parents))}
+
+    for task, (ins, _) in assets.items():
+        for table in set(ins) & {"exfm.vm_traffic", "exfm.fm_dataset", "exfm.vm_training", "exfm.vm_eval"}:
+            assert writers[table] in upstream(task), (task, table)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +199,31 @@ def test_spark_default_connection_says_where_the_jobs_spark_is(monkeypatch, tmp_
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", uri)
     spark = _with_spark_connection(tiny_config(tmp_path)).spark
     assert (spark.remote, spark.master) == (remote, master)
+
+
+def test_bad_data_fails_the_task_at_once_and_other_errors_are_retried(monkeypatch):
+    """A contract or quality failure cannot pass on a retry: AirflowFailException skips the
+    task's retries; any other error (a lost executor, a Delta conflict) keeps them."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.ingest import ContractError
+    from jobs.quality import QualityError
+
+    monkeypatch.syspath_prepend(str(REPO / "dags"))
+    from exfm_daily import _bad_data_fails_at_once
+
+    for error in (ContractError("landing file x: column click: must be 0 or 1"), QualityError("table t")):
+
+        @_bad_data_fails_at_once
+        def step(error=error):
+            raise error
+
+        with pytest.raises(AirflowFailException, match=str(error)):
+            step()
+
+    @_bad_data_fails_at_once
+    def transient():
+        raise ConnectionError("executor lost")
+
+    with pytest.raises(ConnectionError):
+        transient()

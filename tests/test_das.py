@@ -99,6 +99,47 @@ def test_teacher_scores_equal_direct_torch_scores(spark, world):
     assert (click_rows.groupby("request_id")["teacher_score"].nunique() == 1).all()
 
 
+def test_lineage_names_the_rows_a_vm_and_its_teacher_trained_on(spark, world):
+    """Each snapshot records the Delta version of what it read: time travel gives those rows back,
+    also after the day was scored and published again."""
+    import json
+
+    from jobs import lineage, train_vm
+    from jobs.lakehouse import table_version
+    from jobs.training import in_holdout
+
+    root, cfg = world
+    day = DAYS[1]  # scored and published by the test above
+    train_vm.run(day, "feed", cfg, spark, method="ah", fresh=True)
+    out = lineage.run(cfg, spark, vm="feed", method="ah", ds=day)
+
+    def rows(trained_on):  # the recorded table, day (and VM) at the recorded version
+        df = read_day(
+            spark, cfg, trained_on["table"], dt.date.fromisoformat(trained_on["ds"]), trained_on["version"]
+        )
+        return df.where(df.vm == trained_on["vm"]) if "vm" in trained_on else df
+
+    seen = out["vm_snapshot"]["trained_on"]
+    assert (seen["table"], seen["ds"], seen["vm"]) == (VM_TRAINING, str(day), "feed")
+    assert rows(seen).count() == out["vm_snapshot"]["n_examples"]
+    teacher = out["teacher"]
+    assert teacher["snapshot_id"] == publishing.resolve_for_day(day, cfg, spark).snapshot_id
+    assert teacher["trained_on"]["table"] == FM_DATASET and teacher["trained_on"]["ds"] == str(DAYS[0])
+    fm_ids = rows(teacher["trained_on"]).select("request_id").toPandas()["request_id"]
+    # The FM skips its blessing holdout.
+    assert (~in_holdout(pa.array(fm_ids), cfg)).sum() == teacher["n_examples"]
+    assert teacher["continued_from"] == []  # the FM's first day
+
+    before = checksum(rows(seen))
+    das.run(day, cfg, spark)
+    quality.run(VM_TRAINING, day, cfg, spark)
+    assert table_version(spark, cfg, VM_TRAINING) > seen["version"]
+    assert checksum(rows(seen)) == before
+    printed = _cli(root, "lineage", "--vm", "feed", "--method", "ah", "--ds", str(day))
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert json.loads(printed.stdout.splitlines()[-1]) == json.loads(json.dumps(out, default=str))
+
+
 def test_model_loads_once_per_python_worker(spark, world):
     root, _ = world
     cfg = tiny_config(root, *TASKS, "das.batch_size=50")  # many batches per task

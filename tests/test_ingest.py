@@ -3,6 +3,7 @@
 ingest writes the staging copy of vm_traffic; the gate (quality.run) publishes it.
 """
 
+import glob
 import shutil
 
 import pandas as pd
@@ -120,6 +121,8 @@ def _break(cfg, ds, vm, mutate, fmt="parquet"):
         (lambda df: df.assign(click=2), "parquet", "click", "must be 0 or 1"),
         (lambda df: df.assign(request_id=None), "parquet", "request_id", "must not be null"),
         (lambda df: df.assign(event_ts="yesterday"), "csv", "event_ts", "cannot be cast to timestamp"),
+        (lambda df: df.assign(click="yes"), "parquet", "click", "cannot be cast to int"),  # text, no crash
+        (lambda df: df.assign(click=0.7), "parquet", "click", "value is not an integer"),
     ],
 )
 def test_bad_landing_file_is_rejected_and_nothing_changes(spark, cfg, mutate, fmt, column, rule):
@@ -160,3 +163,81 @@ def test_csv_landing_gives_the_same_table_as_parquet(spark, cfg, tmp_path):
     assert checksum(quality.staged_day(spark, csv_cfg, VM_TRAFFIC, DAY)) == checksum(
         quality.staged_day(spark, cfg, VM_TRAFFIC, DAY)
     )
+
+
+@pytest.mark.parametrize("tz", ["UTC", None])
+def test_pandas_nanosecond_export_gives_the_same_table_as_microseconds(spark, cfg, tmp_path, tz):
+    """pandas' default export (pd.to_datetime: nanoseconds, tz-aware or naive = UTC) is a valid
+    event time: stored as UTC microseconds, the same table as the generator's microsecond files."""
+    from tests.conftest import tiny_config
+
+    generate.run(DAY, cfg)
+    ingest.run(DAY, cfg, spark)
+    nanos = tiny_config(tmp_path / "nanos")
+    shutil.copytree(cfg.landing, nanos.landing)
+    for path in sorted((tmp_path / "nanos" / "landing").rglob("*.parquet")):
+        df = pd.read_parquet(path)
+        ts = pd.to_datetime(df["event_ts"].dt.strftime("%Y-%m-%d %H:%M:%S.%f"))  # as a user parses logs
+        df["event_ts"] = ts.dt.tz_localize(tz) if tz else ts
+        assert "[ns" in str(df["event_ts"].dtype)
+        df.to_parquet(path, index=False)
+    assert "ns" in str(pq.read_schema(path).field("event_ts").type)
+    ingest.run(DAY, nanos, spark)
+    assert checksum(quality.staged_day(spark, nanos, VM_TRAFFIC, DAY)) == checksum(
+        quality.staged_day(spark, cfg, VM_TRAFFIC, DAY)
+    )
+
+
+def test_unreadable_files_are_all_named_with_the_reason(spark, cfg):
+    generate.run(DAY, cfg)
+    vm_dir = f"{cfg.landing}/ds={DAY}/vm=feed"
+    good = open(f"{vm_dir}/part-00000.parquet", "rb").read()
+    with open(f"{vm_dir}/zz-truncated.parquet", "wb") as f:
+        f.write(good[: len(good) // 2])
+    with open(f"{cfg.landing}/ds={DAY}/vm=search/zz-text.parquet", "w") as f:
+        f.write("request_id,click\nr1,1\n")
+    with pytest.raises(ContractError) as e:
+        ingest.run(DAY, cfg, spark)
+    message = str(e.value)
+    assert message.startswith("2 landing file(s) cannot be ingested"), message
+    for name in ("zz-truncated.parquet", "zz-text.parquet"):
+        assert f"{name} cannot be read: it is not a parquet file, or it was cut short" in message, message
+
+
+def _conflicts(cfg, share):
+    """Log ``share`` of search's requests a second time, with the opposite label."""
+    vm_dir = cfg.landing + f"/ds={DAY}/vm=search"
+    df = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{vm_dir}/*.parquet"))])
+    twice = df.drop_duplicates("request_id").sample(frac=share, random_state=0)
+    twice.assign(click=1 - twice["click"]).to_parquet(f"{vm_dir}/zz-again.parquet", index=False)
+    return twice
+
+
+def test_conflicting_labels_stop_the_day_with_counts_and_examples(spark, cfg):
+    generate.run(DAY, cfg)
+    twice = _conflicts(cfg, 0.05)
+    with pytest.raises(ContractError) as e:
+        ingest.run(DAY, cfg, spark)
+    message = str(e.value)
+    n = len(twice)
+    assert f"VM search: column click: {n} of " in message and "with different labels" in message, message
+    assert any(rid in message for rid in twice["request_id"]), message
+
+
+def test_conflicts_below_the_allowed_share_are_resolved_without_favouring_a_label(spark, tmp_path):
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "quality.max_conflicting_labels=0.5")
+    generate.run(DAY, cfg)
+    twice = _conflicts(cfg, 0.3)
+    out = ingest.run(DAY, cfg, spark)
+    assert out["conflicting_labels"]["search"] == len(twice) and out["conflicting_labels"]["feed"] == 0
+    kept = (
+        quality.staged_day(spark, cfg, VM_TRAFFIC, DAY)
+        .where("vm = 'search'")
+        .select("request_id", "click")
+        .toPandas()
+    )
+    clicks = kept.set_index("request_id").loc[twice["request_id"], "click"]
+    # Before, a tie always kept the click; now either label, about evenly.
+    assert 0.3 < clicks.mean() < 0.7, (clicks.mean(), len(clicks))

@@ -167,11 +167,11 @@ def _add_file(cfg, vm, name, content: bytes):
     return "ingest"
 
 
-def _nanosecond_copy(cfg, vm):
-    """A copy of a file written by pandas' defaults: nanosecond timestamps, which Spark cannot read."""
+def _conflicting_copy(cfg, vm):
     vm_dir = _landing(cfg, D2) / f"vm={vm}"
-    df = pd.read_parquet(sorted(vm_dir.glob("*.parquet"))[0])
-    df.assign(event_ts=df["event_ts"].astype("datetime64[ns, UTC]")).to_parquet(vm_dir / "ns.parquet")
+    df = pd.read_parquet(sorted(vm_dir.glob("*.parquet"))[0]).drop_duplicates("request_id")
+    again = df.sample(frac=0.05, random_state=0)
+    again.assign(click=1 - again["click"]).to_parquet(vm_dir / "again.parquet", coerce_timestamps="us")
     return "ingest"
 
 
@@ -206,6 +206,11 @@ class Case:
     step: str  # the step that must stop it
     expect: tuple[str, ...]  # fragments of the message: table or file, column, rule, observed
     day: dt.date = D2
+
+
+def _every(df, k: int):
+    """One request in k (by request_id, so a duplicated log line keeps its copy's label)."""
+    return df["request_id"].str[-4:].astype(int) % k == 0
 
 
 def _ten_x(df):
@@ -259,7 +264,7 @@ CASES = [
         "truncated_parquet",
         lambda c, s: _truncate(c),
         "ingest",
-        ("landing file", "cannot be read as parquet"),
+        ("landing file", "cannot be read", "it is not a parquet file, or it was cut short"),
     ),
     Case(
         "empty_parquet",
@@ -274,10 +279,16 @@ CASES = [
         ("landing file", "late.csv", "is empty (0 bytes)"),
     ),
     Case(
-        "nanosecond_timestamps",
-        lambda c, s: _nanosecond_copy(c, "video"),
+        "label_as_text",
+        lambda c, s: _rewrite(c, "feed", lambda df: df.assign(click="yes")),
         "ingest",
-        ("landing file", "ns.parquet", "cannot be read as parquet", "TIMESTAMP(NANOS"),
+        ("landing file", "column click", "cannot be cast to int", "'yes'"),
+    ),
+    Case(
+        "conflicting_duplicate_labels",  # 5% of search's requests logged again with the other label
+        lambda c, s: _conflicting_copy(c, "search"),
+        "ingest",
+        ("VM search", "column click", "logged more than once with different labels", "e.g. request_id r"),
     ),
     Case("unknown_vm", lambda c, s: _unknown_vm(c), "ingest", ("VMs ['shopping']", "not in the registry")),
     # the vm_traffic suite stops what is readable but wrong for the day
@@ -309,9 +320,20 @@ CASES = [
     ),
     Case(
         "ctr_jump",
-        lambda c, s: _every_vm(c, lambda df: df.assign(click=np.where(df.index % 3 == 0, 1, df["click"]))),
+        lambda c, s: _every_vm(c, lambda df: df.assign(click=np.where(_every(df, 3), 1, df["click"]))),
         "validate vm_traffic",
         ("table vm_traffic", "column click", "expect_column_mean_to_be_between", "observed 0."),
+    ),
+    Case(
+        "one_vm_ctr_jumps",  # feed's CTR 2.6x, the day's pooled CTR 1.5x (inside its band)
+        lambda c, s: _rewrite(
+            c,
+            "feed",
+            lambda df: df.assign(click=np.where(_every(df, 12), 1, df["click"])),
+            every_file=True,
+        ),
+        "validate vm_traffic",
+        ("table vm_traffic", "column click", "expect_column_mean_to_be_between", "(rows of VM feed)"),
     ),
     Case(
         "label_2_from_a_job",
