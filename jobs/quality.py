@@ -561,8 +561,6 @@ def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
             F.countDistinct("ds").alias("days"),
             F.count("*").alias("rows"),
             F.sum(label).alias("positives"),
-            *[F.sum(c).alias(f"sum_{c}") for c in cfg.labels],
-            *[F.count(c).alias(f"n_{c}") for c in cfg.labels],
         )
         .collect()
     )
@@ -579,15 +577,13 @@ def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
         return mean / q.ctr_factor, min(1.0, mean * q.ctr_factor)
 
     bands["min_rows"], bands["max_rows"] = rows_band(sum(r["rows"] for r in history) / days)
-    for c in cfg.labels:
-        n = sum(r[f"n_{c}"] for r in history)
-        if n:  # sum() of a label is null on the VMs that do not carry it
-            bands[f"min_mean_{c}"], bands[f"max_mean_{c}"] = mean_band(
-                sum(r[f"sum_{c}"] or 0 for r in history) / n
-            )
-    for r in history:
-        if r["vm"] in {vm.name for vm in cfg.vms}:
-            vm = r["vm"]
-            bands[f"min_rows_vm_{vm}"], bands[f"max_rows_vm_{vm}"] = rows_band(r["rows"] / r["days"])
-            bands[f"min_mean_vm_{vm}"], bands[f"max_mean_vm_{vm}"] = mean_band(r["positives"] / r["rows"])
+    of_vm = {r["vm"]: r for r in history if r["vm"] in {vm.name for vm in cfg.vms}}
+    for label in cfg.labels:  # a label's rows are those of the VMs that carry it
+        rows = [of_vm[vm.name] for vm in cfg.vms if vm.label == label and vm.name in of_vm]
+        if rows:
+            mean = sum(r["positives"] for r in rows) / sum(r["rows"] for r in rows)
+            bands[f"min_mean_{label}"], bands[f"max_mean_{label}"] = mean_band(mean)
+    for vm, r in of_vm.items():
+        bands[f"min_rows_vm_{vm}"], bands[f"max_rows_vm_{vm}"] = rows_band(r["rows"] / r["days"])
+        bands[f"min_mean_vm_{vm}"], bands[f"max_mean_vm_{vm}"] = mean_band(r["positives"] / r["rows"])
     return bands
