@@ -8,11 +8,14 @@ then the FM trains on `ds` for tomorrow.
 * FM chain: `build_fm_dataset` → `gate_fm_dataset` → `train_fm` → `publish_fm` → `update_pointer`
 * DAS: `das_score` → `gate_vm_training` → `train_vm` (one mapped task per (vm, method))
 * judge yesterday's models on today: `evaluate` → `gate_vm_eval`
+* `teacher_freshness`: the staleness alarm, fails when the day's FM teacher is older than
+  `das.max_staleness_days` (the VMs still train: a stale teacher is still a teacher)
 * `report`: the day's HTML page
 
 Every task calls the same `jobs.<step>.run` as the `exfm` CLI and is idempotent, so a retry or
 a clear is safe. A contract or quality failure fails its task at once (no retry): fix the data
-and clear the task. Backfill with `--max-active-runs 1`: day t needs the models of day t-1.
+and clear the task. A task that fails for good calls the notifiers of config `alerts.notifiers`
+(Airflow's own: SMTP, Slack, ...). Backfill with `--max-active-runs 1`: day t needs the models of day t-1.
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ def _bad_data_fails_at_once(step):
     return run
 
 
+def _notify(context) -> None:
+    """Every final task failure reaches the notifiers of config `alerts.notifiers` (Airflow
+    ``BaseNotifier`` classes with their arguments), so where alarms go is configuration."""
+    import importlib
+
+    from jobs.config import load_config
+
+    for spec in load_config().alerts.notifiers:
+        module, _, name = spec.cls.rpartition(".")
+        getattr(importlib.import_module(module), name)(**spec.args)(context)
+
+
 @_bad_data_fails_at_once
 def _gate(table: str) -> dict:
     from jobs import quality
@@ -115,6 +130,7 @@ def _gate(table: str) -> dict:
         "retry_delay": pendulum.duration(minutes=1),
         "retry_exponential_backoff": True,
         "max_retry_delay": pendulum.duration(minutes=30),
+        "on_failure_callback": _notify,
     },
     doc_md=__doc__,
     tags=["exfm"],
@@ -196,6 +212,16 @@ def exfm_daily():
         return {k: out[k] for k in ("ds", "snapshot_id", "fm_staleness_days", "rows", "requests_scored")}
 
     @task(
+        inlets=[A["fm_snapshots"], A["fm_pointer"], A["vm_eval"]],
+        doc_md="The staleness alarm: fails if the FM teacher of `ds` is older than `das.max_staleness_days`.",
+    )
+    @_bad_data_fails_at_once
+    def teacher_freshness() -> dict:
+        from jobs import freshness
+
+        return freshness.run(*_ctx())
+
+    @task(
         outlets=[A["vm_training"]],
         doc_md="GX suite `teacher_scores` (`vm_training`); publishes the day only if it passes.",
     )
@@ -267,6 +293,7 @@ def exfm_daily():
     scores >> students
     judged = [traffic, scores] >> evaluate() >> gate_vm_eval()  # the `fm` row judges the day's scores
     [pointer, students, judged] >> report()
+    teacher_freshness()  # on its own: its failure is the alarm and blocks nothing
 
 
 exfm_daily()

@@ -94,6 +94,13 @@ def cmd_das_score(cfg: ExfmConfig, args) -> None:
     )
 
 
+def cmd_teacher_freshness(cfg: ExfmConfig, args) -> None:
+    from jobs import freshness
+    from jobs.spark import build_spark
+
+    _print(freshness.run(args.ds, cfg, build_spark(cfg)))
+
+
 def cmd_evaluate(cfg: ExfmConfig, args) -> None:
     from jobs import evaluate
     from jobs.spark import build_spark
@@ -291,6 +298,11 @@ def parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--snapshot-id", help="score with this snapshot instead of resolving one")
     sp.set_defaults(func=cmd_das_score)
+    sp = sub.add_parser(
+        "teacher-freshness", parents=[common], help="staleness alarm: exit 1 if ds's FM teacher is too old"
+    )
+    sp.add_argument("--ds", required=True)
+    sp.set_defaults(func=cmd_teacher_freshness)
     sp = sub.add_parser(
         "evaluate", parents=[common], help="the VM and FM snapshots of ds-1 on vm_traffic[ds] -> vm_eval"
     )

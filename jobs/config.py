@@ -29,8 +29,9 @@ Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")
 
 
 class DataError(ValueError):
-    """A day's data breaks the input contract or a quality gate: running again cannot fix it,
-    so the CLI exits 1 with the message alone and the DAG fails the task without a retry."""
+    """A day's data breaks the input contract, a quality gate or an alarm (a stale teacher): running
+    again cannot fix it, so the CLI exits 1 with the message alone and the DAG fails the task
+    without a retry."""
 
 
 class ConfigError(ValueError):
@@ -183,7 +184,23 @@ class DasSettings(_Frozen):
     pointer: Identifier = "fm"  # name of the fm_pointer row (the Zeus record)
     lease_hours: float = Field(24.0, gt=0)  # how long a reader may keep using a snapshot
     keep_last: int = Field(3, ge=1)  # gc-snapshots never deletes the newest K
+    # The staleness alarm: a day whose teacher is older than this (in days; 1 = trained through
+    # yesterday, as the paper's daily cadence) fails the DAG's `teacher_freshness` task.
+    max_staleness_days: int = Field(2, ge=1)
     blessing: BlessingSettings = BlessingSettings()
+
+
+class NotifierSpec(_Frozen):
+    """An Airflow notifier (a ``BaseNotifier`` class: a provider's SMTP, Slack, ...) and its arguments."""
+
+    cls: str = Field(alias="class", pattern=r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")  # module.Class
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class AlertSettings(_Frozen):
+    """Who hears about an alarm (a stale teacher): the notifiers the DAG's failure callback calls."""
+
+    notifiers: tuple[NotifierSpec, ...] = ()
 
 
 class QualitySettings(_Frozen):
@@ -223,6 +240,7 @@ class ExfmConfig(_Frozen):
     vm_training: VmTrainSettings = VmTrainSettings()
     das: DasSettings = DasSettings()
     quality: QualitySettings = QualitySettings()
+    alerts: AlertSettings = AlertSettings()
     vms: tuple[VmSpec, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ import io
 import os
 from pathlib import Path
 
-from jobs import publishing
+from jobs import freshness, publishing
 from jobs.config import ExfmConfig, parse_ds
 from jobs.evaluate import FM_MERGED, FM_METHOD
 from jobs.lakehouse import DQ_RESULTS, VM_EVAL, table_version
@@ -29,6 +29,7 @@ th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .fail { color: #b00020; font-weight: bold; } .ok { color: #1b5e20; }
 figure { display: inline-block; margin: 0 1em 1em 0; }
+.alarm { background: #fdecea; border: 2px solid #b00020; color: #5f0010; padding: .8em 1em; margin: 1em 0; }
 """
 
 
@@ -55,11 +56,16 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         das_snapshot = publishing.resolve_for_day(day, cfg, spark).snapshot_id
     except (publishing.NoSnapshotError, publishing.LeakageError):
         das_snapshot = None
+    try:
+        freshness.run(day, cfg, spark)
+        alarm = None
+    except freshness.StaleTeacherError as e:  # the same words as the DAG's alarm, as a banner
+        alarm = str(e)
 
     out_dir = reports_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     page = out_dir / f"ds={day.isoformat()}.html"
-    body = render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir)
+    body = render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir, alarm=alarm)
     write_atomic(page, body)
     index = out_dir / "index.html"
     write_atomic(index, render_index(out_dir, evals))
@@ -90,12 +96,15 @@ def gain_history(history: list[dict]) -> list[dict]:
     return out
 
 
-def render_day(day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path) -> str:
+def render_day(
+    day, cfg, evals, snaps, pointer, das_snapshot, dq, out_dir: Path, alarm: str | None = None
+) -> str:
     docs = docs_link(cfg, out_dir)
     today = [r for r in evals if r["ds"] == day.isoformat()]
     gains = ne_gains(today)
     parts = [
         f"<h1>ExFM daily report — ds={day.isoformat()}</h1>",
+        *([f"<div class='alarm' role='alert'><b>Stale teacher.</b> {_e(alarm)}</div>"] if alarm else []),
         f"<p>DAS teacher: <code>{_e(das_snapshot or 'none (no FM trained before this day)')}</code>"
         f" · pointer <code>{_e(cfg.das.pointer)}</code>: <code>{_e(pointer.snapshot_id if pointer else '-')}"
         f"</code> · <a href='index.html'>all days</a></p>",

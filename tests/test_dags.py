@@ -28,6 +28,7 @@ STRUCTURE = {
     "evaluate": ["gate_vm_eval"],
     "gate_vm_eval": ["report"],
     "report": [],
+    "teacher_freshness": [],
 }
 
 RUNNER = """

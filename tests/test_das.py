@@ -5,6 +5,7 @@ move pointers and finally garbage-collect.
 """
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs import das, ingest, publishing, quality, snapshots, train_fm
+from jobs import das, freshness, ingest, publishing, quality, report, snapshots, train_fm
+from jobs.config import ENV_PREFIX
 from jobs.lakehouse import FM_DATASET, FM_POINTER, VM_TRAFFIC, VM_TRAINING, read_day
 from models.data import FeatureEncoder
 from tests.conftest import REPO, TINY, land_days, tiny_config
+from tests.test_dags import airflow_env
 from tests.test_ingest import checksum
 
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
@@ -178,6 +181,69 @@ def _score(day, cfg, spark) -> dict:
     """das-score, then its gate (which publishes with one replaceWhere): the publish's result."""
     das.run(day, cfg, spark)
     return quality.run(VM_TRAINING, day, cfg, spark)["published"]
+
+
+def test_staleness_alarm_fires_on_a_stale_teacher_only(spark, world):
+    root, cfg = world
+    cfg = cfg.model_copy(update={"das": cfg.das.model_copy(update={"max_staleness_days": 1})})
+    assert freshness.run(DAYS[0], cfg, spark)["teacher"] is None  # no FM before day 1: nothing to be stale
+    fresh = freshness.run(DAYS[2], cfg, spark)  # taught by the FM of day 2: 1 day old
+    assert fresh["fm_staleness_days"] == 1 and fresh["teacher"].startswith("fm-2026-01-02-")
+    with pytest.raises(freshness.StaleTeacherError) as stale:  # day 4, still the FM of day 2
+        freshness.run(DAYS[3], cfg, spark)
+    message = str(stale.value)
+    assert "2026-01-04" in message and "2 days old" in message and "das.max_staleness_days=1" in message
+    assert "no FM trained on the last 1 day(s)" in message and "NE" in message
+
+    # The day's report carries the alarm as a banner; a fresh day's does not.
+    page = report.run(DAYS[3], cfg, spark)["report"]
+    assert "class='alarm'" in open(page).read() and "2 days old" in open(page).read()
+    assert "class='alarm'" not in open(report.run(DAYS[2], cfg, spark)["report"]).read()
+
+    # Through Airflow: the DAG's task fails without retries and the configured notifier hears it.
+    sent = root / "alerts.jsonl"
+    env = {
+        **airflow_env(root),
+        **{
+            ENV_PREFIX + k.upper().replace(".", "__"): v
+            for k, v in (i.split("=", 1) for i in (*TINY, *TASKS))
+        },
+        "EXFM__LAKEHOUSE_ROOT": str(root / "lakehouse"),
+        "EXFM__SPARK__MASTER": "local[1]",
+        "EXFM__DAS__MAX_STALENESS_DAYS": "1",
+        "EXFM__ALERTS__NOTIFIERS": f"[{{class: tests.notifier.FileNotifier, args: {{path: '{sent}'}}}}]",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", ALARM_RUNNER, *(str(d) for d in DAYS[2:])],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
+    states = [line for line in done.stdout.splitlines() if line.startswith("STATE ")]
+    assert states == ["STATE 2026-01-03 success", "STATE 2026-01-04 failed"], (
+        done.stdout[-3000:] + done.stderr[-3000:]
+    )
+    alerts = [json.loads(line) for line in sent.read_text().splitlines()]
+    assert len(alerts) == 1 and alerts[0]["message"] == "teacher_freshness failed on 2026-01-04"
+    assert "stale FM teacher for ds=2026-01-04" in alerts[0]["error"]
+
+
+# One task of the DAG, through Airflow's own dag.test, for each day given.
+ALARM_RUNNER = """
+import os, subprocess, sys
+from pathlib import Path
+import pendulum
+airflow = str(Path(sys.executable).with_name("airflow"))
+subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True)
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("exfm_daily")
+dag = dag.partial_subset(task_ids=["teacher_freshness"], include_upstream=False)
+for ds in sys.argv[1:]:
+    run = dag.test(logical_date=pendulum.parse(ds))
+    print("STATE", ds, run.get_task_instance("teacher_freshness").state, flush=True)
+"""
 
 
 def test_rerun_is_one_commit_with_the_same_content(spark, world):
