@@ -212,7 +212,7 @@ def exfm_daily():
         return {k: out[k] for k in ("ds", "snapshot_id", "fm_staleness_days", "rows", "requests_scored")}
 
     @task(
-        inlets=[A["fm_snapshots"], A["fm_pointer"], A["vm_eval"]],
+        inlets=[A["fm_snapshots"], A["fm_pointer"]],  # and past days' vm_eval, for what staleness costs
         doc_md="The staleness alarm: fails if the FM teacher of `ds` is older than `das.max_staleness_days`.",
     )
     @_bad_data_fails_at_once
