@@ -20,13 +20,13 @@ and clear the task. A task that fails for good calls the notifiers of config `al
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pendulum
 from airflow.sdk import Asset, dag, get_current_context, task
 
-SPARK_POOL = "exfm_spark"  # one slot per Spark session the machine can hold (`airflow pools set`)
+from dags.exfm_common import SPARK_POOL, bad_data_fails_at_once, notify_failure, task_context
+
 # The lakehouse's published tables as Airflow Assets: each task's inlets and outlets, so the UI
 # draws the data flow (what reads what another task wrote). Names, not paths: the paths come
 # from the config, which the DAG does not load at parse time.
@@ -43,79 +43,11 @@ TABLES = (
 A = {t: Asset(name=f"exfm.{t}", uri=f"exfm://lakehouse/{t}", group="exfm") for t in TABLES}
 
 
-def _ctx():
-    """(ds, config, SparkSession) for a task; heavy imports happen here, inside the task."""
-    from jobs.config import load_config
-    from jobs.spark import build_spark
-
-    cfg = _with_spark_connection(load_config())  # $EXFM_CONFIG or exfm.yaml, EXFM__* overrides
-    return get_current_context()["data_interval_start"].to_date_string(), cfg, build_spark(cfg)
-
-
-def _with_spark_connection(cfg):
-    """The `spark_default` connection, if defined, says where the jobs' Spark is.
-
-    A Spark Connect connection (type `spark_connect`, or the URI sc://host:port) makes every task a
-    thin client of that server (config `spark.remote`); a Spark connection (spark://host:7077,
-    yarn, k8s://...) sets the master of a driver per task, with extra spark.* conf. That
-    connection is the only change needed to run the jobs on a cluster; without it the config
-    decides (`spark.remote`, else `spark.master`, local[*]).
-    """
-    from airflow.sdk import Connection
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        conn = Connection.get("spark_default")
-    except AirflowNotFoundException:
-        return cfg
-    host = conn.host or ""
-    if conn.conn_type in ("spark_connect", "sc") or host.startswith("sc://"):  # "sc": a URI sc://host:port
-        remote = f"sc://{host.removeprefix('sc://')}" + (f":{conn.port}" if conn.port else "")  # else 15002
-        return cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"remote": remote})})
-    master = host or cfg.spark.master
-    if conn.conn_type == "spark" and "://" not in master and not master.startswith(("local", "yarn")):
-        master = f"spark://{master}"
-    if conn.port:
-        master = f"{master}:{conn.port}"
-    spark = cfg.spark.model_copy(update={"master": master, "conf": {**cfg.spark.conf, **conn.extra_dejson}})
-    return cfg.model_copy(update={"spark": spark})
-
-
-def _bad_data_fails_at_once(step):
-    """A contract or quality failure (``DataError``) fails the task without its retries: the same
-    data fails the same way, and retrying would only delay the message by minutes."""
-
-    @functools.wraps(step)
-    def run(*args, **kwargs):
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from jobs.config import DataError
-
-        try:
-            return step(*args, **kwargs)
-        except DataError as e:
-            raise AirflowFailException(str(e)) from e
-
-    return run
-
-
-def _notify(context) -> None:
-    """Every final task failure reaches the notifiers of config `alerts.notifiers` (Airflow
-    ``BaseNotifier`` classes with their arguments), so where alarms go is configuration."""
-    import importlib
-
-    from jobs.config import load_config
-
-    for spec in load_config().alerts.notifiers:
-        module, _, name = spec.cls.rpartition(".")
-        getattr(importlib.import_module(module), name)(**spec.args)(context)
-
-
-@_bad_data_fails_at_once
+@bad_data_fails_at_once
 def _gate(table: str) -> dict:
     from jobs import quality
 
-    ds, cfg, spark = _ctx()
+    ds, cfg, spark = task_context()
     return quality.run(table, ds, cfg, spark)
 
 
@@ -130,18 +62,18 @@ def _gate(table: str) -> dict:
         "retry_delay": pendulum.duration(minutes=1),
         "retry_exponential_backoff": True,
         "max_retry_delay": pendulum.duration(minutes=30),
-        "on_failure_callback": _notify,
+        "on_failure_callback": notify_failure,
     },
     doc_md=__doc__,
     tags=["exfm"],
 )
 def exfm_daily():
     @task(doc_md="Landing files of `ds` → staged `vm_traffic` (contract checks before any write).")
-    @_bad_data_fails_at_once
+    @bad_data_fails_at_once
     def ingest_traffic() -> dict:
         from jobs import ingest
 
-        return ingest.run(*_ctx())
+        return ingest.run(*task_context())
 
     @task(
         outlets=[A["vm_traffic"]],
@@ -157,7 +89,7 @@ def exfm_daily():
     def build_fm_dataset() -> dict:
         from jobs import fm_dataset
 
-        return fm_dataset.run(*_ctx())
+        return fm_dataset.run(*task_context())
 
     @task(outlets=[A["fm_dataset"]], doc_md="GX suite `fm_dataset`; publishes the day only if it passes.")
     def gate_fm_dataset() -> dict:
@@ -171,7 +103,7 @@ def exfm_daily():
     def train_fm() -> dict:
         from jobs import train_fm
 
-        out = train_fm.run(*_ctx(), publish=False)
+        out = train_fm.run(*task_context(), publish=False)
         return {k: out[k] for k in ("ds", "snapshot", "sha256", "n_examples", "train_loss")}
 
     @task(
@@ -181,7 +113,7 @@ def exfm_daily():
     def publish_fm() -> dict:
         from jobs import publishing
 
-        return publishing.publish(*_ctx())
+        return publishing.publish(*task_context())
 
     @task(
         inlets=[A["fm_snapshots"]],
@@ -191,7 +123,7 @@ def exfm_daily():
     def update_pointer() -> dict:
         from jobs import publishing
 
-        _, cfg, spark = _ctx()
+        _, cfg, spark = task_context()
         return publishing.update_pointer(cfg, spark)
 
     @task(
@@ -203,7 +135,7 @@ def exfm_daily():
 
         from jobs import das, publishing
 
-        ds, cfg, spark = _ctx()
+        ds, cfg, spark = task_context()
         if publishing.in_fm_warmup(ds, cfg, spark):
             raise AirflowSkipException(f"{ds} is in the FM's warm-up: no VM trains on it")
         if publishing.teacher_for_day(ds, cfg, spark) is None:
@@ -215,11 +147,11 @@ def exfm_daily():
         inlets=[A["fm_snapshots"], A["fm_pointer"]],  # and past days' vm_eval, for what staleness costs
         doc_md="The staleness alarm: fails if the FM teacher of `ds` is older than `das.max_staleness_days`.",
     )
-    @_bad_data_fails_at_once
+    @bad_data_fails_at_once
     def teacher_freshness() -> dict:
         from jobs import freshness
 
-        return freshness.run(*_ctx())
+        return freshness.run(*task_context())
 
     @task(
         outlets=[A["vm_training"]],
@@ -248,7 +180,7 @@ def exfm_daily():
         from jobs import publishing, train_vm
 
         get_current_context()["pair_label"] = f"{pair['vm']}/{pair['method']}"
-        ds, cfg, spark = _ctx()
+        ds, cfg, spark = task_context()
         if publishing.in_fm_warmup(ds, cfg, spark):
             raise AirflowSkipException(f"{ds} is in the FM's warm-up (fm.warmup_days={cfg.fm.warmup_days})")
         out = train_vm.run(ds, pair["vm"], cfg, spark, method=pair["method"])
@@ -264,7 +196,7 @@ def exfm_daily():
 
         from jobs import evaluate
 
-        out = evaluate.run(*_ctx())
+        out = evaluate.run(*task_context())
         if not out["rows"]:
             raise AirflowSkipException(f"no models trained through the day before {out['ds']}")
         return out
@@ -282,7 +214,7 @@ def exfm_daily():
     def report() -> dict:
         from jobs import report
 
-        return report.run(*_ctx())
+        return report.run(*task_context())
 
     traffic = gate_vm_traffic()
     ingest_traffic() >> traffic

@@ -134,6 +134,14 @@ def cmd_snapshots(cfg: ExfmConfig, args) -> None:
         print(f"pointer {cfg.das.pointer}: {held}, lease until {pointer.lease_expires_at:%Y-%m-%d %H:%M} UTC")
 
 
+def cmd_maintenance(cfg: ExfmConfig, args) -> None:
+    from jobs import maintenance
+    from jobs.spark import build_spark
+
+    steps = args.step or maintenance.STEPS
+    _print(maintenance.run(args.ds, cfg, build_spark(cfg), dry_run=args.dry_run, steps=steps))
+
+
 def cmd_lineage(cfg: ExfmConfig, args) -> None:
     """What data made a VM snapshot: its rows, its teacher, the teacher's rows (table versions)."""
     from jobs import lineage
@@ -322,6 +330,13 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("snapshots", parents=[common], help="list FM snapshots and the pointer")
     sp.set_defaults(func=cmd_snapshots)
     sp = sub.add_parser(
+        "maintenance", parents=[common], help="OPTIMIZE/VACUUM, retention, snapshot GC (exfm_maintenance)"
+    )
+    sp.add_argument("--ds", required=True, help="the maintenance day: retention counts back from it")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    sp.add_argument("--step", action="append", help="only these steps (repeatable; default all)")
+    sp.set_defaults(func=cmd_maintenance)
+    sp = sub.add_parser(
         "lineage", parents=[common], help="what data made a VM snapshot: VM -> teacher FM -> table versions"
     )
     sp.add_argument("--vm", required=True)
@@ -346,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("py4j", "great_expectations"):  # the job's own lines first; theirs at WARN
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     try:
         cfg = load_config(args.config, overrides=args.set)

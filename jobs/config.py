@@ -212,6 +212,9 @@ class QualitySettings(_Frozen):
     row_count_factor: float = Field(3.0, gt=1)  # rows within [mean / f, mean * f]
     ctr_factor: float = Field(2.0, gt=1)  # each label's mean within [mean / f, mean * f]
     teacher_ctr_factor: float = Field(3.0, gt=1)  # mean teacher_score within [ctr / f, ctr * f]
+    # share of a day's rows whose user_id (ad_id) was seen in the trailing days within [mean / f, mean * f]
+    id_continuity_factor: float = Field(2.0, gt=1)
+    min_id_seen_share: float = Field(0.05, ge=0, le=1)  # ... and at least this, once there are trailing days
     # A request a VM logged more than once with different labels: ingest stops when more than this
     # share of a VM's requests conflict (0: any); below it, one line is kept without favouring a label.
     max_conflicting_labels: float = Field(0.0, ge=0, le=1)
@@ -228,6 +231,20 @@ class QualitySettings(_Frozen):
         return self
 
 
+class MaintenanceSettings(_Frozen):
+    """Retention of the weekly `exfm_maintenance` DAG (jobs/maintenance.py); days count back from its ds."""
+
+    # VACUUM keeps every file a version of this age needs: readers, lineage and backfills that pin a
+    # version inside it still time-travel. Delta's safety check refuses less than 7 days; so do we.
+    retention_hours: int = Field(168, ge=168)
+    staging_days: int = Field(7, ge=1)  # published days leave the staging copies after this
+    quarantine_days: int = Field(30, ge=1)  # failed attempts are kept this long for inspection
+    scratch_hours: float = Field(24.0, gt=0)  # _scratch dirs older than this belong to no live reader
+    keep_vm_snapshots: int = Field(3, ge=1)  # newest K per (vm, method) always stay
+    snapshot_days: int = Field(14, ge=1)  # VM snapshots of the last N days stay: a backfill resumes from them
+    data_docs_days: int = Field(90, ge=1)  # GX validation results and their Data Docs pages
+
+
 class ExfmConfig(_Frozen):
     lakehouse_root: str = "./lakehouse"  # Delta tables; any Hadoop path (s3a://...) works
     landing_root: str = "./landing"  # raw logs: landing/ds=YYYY-MM-DD/vm=<name>/*.parquet|csv
@@ -241,6 +258,7 @@ class ExfmConfig(_Frozen):
     das: DasSettings = DasSettings()
     quality: QualitySettings = QualitySettings()
     alerts: AlertSettings = AlertSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
     vms: tuple[VmSpec, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -272,6 +290,13 @@ class ExfmConfig(_Frozen):
                 )
         if set(self.fm.source_vms) - set(names):
             problems.append(f"fm.source_vms {list(self.fm.source_vms)}: VMs not in the registry {names}")
+        if (
+            self.das.lease_hours > self.maintenance.retention_hours
+        ):  # VACUUM would delete a leased reader's files
+            problems.append(
+                f"das.lease_hours ({self.das.lease_hours}) must not exceed maintenance.retention_hours "
+                f"({self.maintenance.retention_hours})"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

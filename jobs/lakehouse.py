@@ -76,16 +76,19 @@ def replace_partition(
     Rows are range-partitioned and sorted by ``order`` (arrival, for traffic) inside each table
     partition, so every file holds one contiguous slice of time (good for data skipping).
     """
+    from jobs import faults
+
     order = [c for c in partition_by if c != "ds"] + list(order)
     df = df.repartitionByRange(*order).sortWithinPartitions(*order)
-    (
-        df.write.format("delta")
-        .mode("overwrite")
-        .option("replaceWhere", partition_predicate(**where))
-        .option("mergeSchema", "true")  # a VM or feature added to the registry adds columns
-        .partitionBy(*partition_by)
-        .save(cfg.table(table))
-    )
+    with faults.delta_write(table, cfg.table(table)):
+        (
+            df.write.format("delta")
+            .mode("overwrite")
+            .option("replaceWhere", partition_predicate(**where))
+            .option("mergeSchema", "true")  # a VM or feature added to the registry adds columns
+            .partitionBy(*partition_by)
+            .save(cfg.table(table))
+        )
 
 
 def read_day(spark, cfg: ExfmConfig, table: str, ds: dt.date, version: int | None = None):
@@ -218,7 +221,7 @@ def arrow_day(
     else:
         df = _day(spark, cfg, table, ds, vm)
         table_schema = _arrow_schema(df.schema)
-    wanted = [c for c in dict.fromkeys([*columns, *(ARRIVAL if ordered else ())]) if c in table_schema.names]
+    wanted = [c for c in dict.fromkeys(columns) if c in table_schema.names]  # the arrival keys only if asked
     direct = (files or DayFiles(_direct_files(spark, cfg, table, df, ordered))).direct
     if direct is None:
         if spark is None:
@@ -230,8 +233,8 @@ def arrow_day(
             ds,
             f" vm={vm}" if vm else "",
         )
-        out = df.select(*wanted)
-        with spark_to_arrow(out, cfg, order_by=ARRIVAL if ordered else (), batch_rows=batch_rows) as day:
+        out = df.orderBy(*ARRIVAL) if ordered else df  # a projection after the sort keeps its order
+        with spark_to_arrow(out.select(*wanted), cfg, batch_rows=batch_rows) as day:
             yield day
         return
     schema = pa.schema([table_schema.field(c) for c in wanted])
@@ -346,6 +349,16 @@ def filesystem(uri: str):
     if "://" not in uri:
         return fs.LocalFileSystem(), uri
     return fs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
+
+
+def tree_bytes(fs, path: str) -> int:
+    """Bytes of the files under a directory of a pyarrow filesystem (0 when it is not one)."""
+    from pyarrow import fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return 0
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(i.size for i in infos if i.type == pafs.FileType.File)
 
 
 def delta_conflicts() -> tuple[type[Exception], ...]:

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass
 
-from jobs import snapshots
+from jobs import faults, snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import FM_DATASET, FM_POINTER, FM_SNAPSHOTS, delta_conflicts, render_sql, table_ref
 
@@ -94,13 +92,6 @@ def eligible_statuses(cfg: ExfmConfig) -> tuple[str, ...]:
     return (BLESSED,) if cfg.das.blessing.enabled else (PUBLISHED, BLESSED)
 
 
-def _failpoint(name: str) -> None:
-    """Crash here if EXFM_FAILPOINT names this point: the crash-safety tests kill a real publisher."""
-    if os.environ.get("EXFM_FAILPOINT") == name:
-        log.error("failpoint %s: killing the process", name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # --- publisher ----------------------------------------------------------------------------
 def publish(ds: str | dt.date, cfg: ExfmConfig, spark, *, now: dt.datetime | None = None) -> dict:
     """Verify the FM snapshot files of ``ds``, bless them, then append their row (idempotent)."""
@@ -120,21 +111,21 @@ def publish(ds: str | dt.date, cfg: ExfmConfig, spark, *, now: dt.datetime | Non
         blessing = bless(snap, day, cfg, spark)
         status = BLESSED if blessing.pop("passed") else REJECTED
 
-    _failpoint("publish.before_commit")
-    _sql(
-        spark,
-        cfg,
-        "fm_snapshots_publish",
-        snapshot_id=snapshot_id,
-        trained_through_ds=day.isoformat(),
-        uri=uri,
-        sha256=sha,
-        n_examples=snap.meta["n_examples"],
-        train_loss=snap.meta["train_loss"],
-        status=status,
-        created_at=now or _now(),
-        **blessing,
-    )
+    with faults.delta_write(FM_SNAPSHOTS, cfg.table(FM_SNAPSHOTS)):
+        _sql(
+            spark,
+            cfg,
+            "fm_snapshots_publish",
+            snapshot_id=snapshot_id,
+            trained_through_ds=day.isoformat(),
+            uri=uri,
+            sha256=sha,
+            n_examples=snap.meta["n_examples"],
+            train_loss=snap.meta["train_loss"],
+            status=status,
+            created_at=now or _now(),
+            **blessing,
+        )
     row = next(r for r in list_snapshots(cfg, spark) if r.snapshot_id == snapshot_id)
     log.info("published %s: %s", snapshot_id, status)
     return _summary(row) | {"new": True}
@@ -293,16 +284,17 @@ def update_pointer(cfg: ExfmConfig, spark, *, now: dt.datetime | None = None) ->
         expected = current.snapshot_id if current else ""
         action = "extend" if target == expected else "move"
         try:
-            metrics = _sql(
-                spark,
-                cfg,
-                "fm_pointer_cas",
-                name=name,
-                expected_snapshot_id=expected,
-                snapshot_id=target,
-                lease_expires_at=stamp + dt.timedelta(hours=cfg.das.lease_hours),
-                now=stamp,
-            ).first()
+            with faults.delta_write(FM_POINTER, cfg.table(FM_POINTER)):
+                metrics = _sql(
+                    spark,
+                    cfg,
+                    "fm_pointer_cas",
+                    name=name,
+                    expected_snapshot_id=expected,
+                    snapshot_id=target,
+                    lease_expires_at=stamp + dt.timedelta(hours=cfg.das.lease_hours),
+                    now=stamp,
+                ).first()
         except races as e:  # another updater committed first
             log.info("pointer %s: lost a race (%s), retrying", name, type(e).__name__)
             time.sleep(0.05 * (attempt + 1))
@@ -315,16 +307,26 @@ def update_pointer(cfg: ExfmConfig, spark, *, now: dt.datetime | None = None) ->
 
 
 # --- garbage collection ---------------------------------------------------------------------
-def gc_snapshots(cfg: ExfmConfig, spark, *, now: dt.datetime | None = None) -> dict:
-    """Delete files of snapshots no pointer holds, with an expired lease, older than the newest K."""
+def gc_snapshots(cfg: ExfmConfig, spark, *, now: dt.datetime | None = None, dry_run: bool = False) -> dict:
+    """Delete files of snapshots no pointer holds, with an expired lease, older than the newest K.
+
+    ``dry_run``: only say which would go (and their bytes).
+    """
     from pyspark.sql import functions as F
 
     now = now or _now()
     rows = list_snapshots(cfg, spark)
     held = {r.snapshot_id for r in spark.read.format("delta").load(cfg.table(FM_POINTER)).collect()}
+    history = (
+        spark.sql(f"DESCRIBE HISTORY {table_ref(cfg, FM_POINTER)}").select("version", "timestamp").collect()
+    )
+    since = now - dt.timedelta(hours=cfg.maintenance.retention_hours)
+    start = min((h.version for h in history if h.timestamp >= since), default=max(h.version for h in history))
     leases = {
         r.snapshot_id: r.lease_expires_at
-        for r in _sql(spark, cfg, "fm_snapshots_leases", fm_pointer=cfg.table(FM_POINTER)).collect()
+        for r in _sql(
+            spark, cfg, "fm_snapshots_leases", fm_pointer=cfg.table(FM_POINTER), start_version=start
+        ).collect()
     }
     newest = {r.snapshot_id for r in rows[: cfg.das.keep_last]}
     doomed = [
@@ -334,15 +336,24 @@ def gc_snapshots(cfg: ExfmConfig, spark, *, now: dt.datetime | None = None) -> d
         and r.snapshot_id not in held | newest
         and (leases.get(r.snapshot_id) is None or leases[r.snapshot_id] <= now)
     ]
+    if dry_run:
+        sizes = {r.snapshot_id: snapshots.size(r.uri) for r in doomed}
+        return {"collected": sorted(sizes), "dry_run": True, "bytes": sum(sizes.values())}
     if doomed:
         _sql(spark, cfg, "fm_snapshots_collect", ids=[r.snapshot_id for r in doomed], now=now)
     # Files of every collected row go, also those of an earlier GC that died after marking.
     collected = (
         spark.read.format("delta").load(cfg.table(FM_SNAPSHOTS)).where(F.col("collected_at").isNotNull())
     )
-    deleted = [r.uri for r in collected.collect() if snapshots.delete(r.uri)]
+    sizes = {r.uri: snapshots.size(r.uri) for r in collected.collect()}
+    deleted = [uri for uri in sizes if snapshots.delete(uri)]
     kept = [r.snapshot_id for r in rows if r.collected_at is None and r not in doomed]
-    return {"collected": [r.snapshot_id for r in doomed], "deleted_dirs": deleted, "kept": kept}
+    return {
+        "collected": [r.snapshot_id for r in doomed],
+        "deleted_dirs": deleted,
+        "kept": kept,
+        "bytes": sum(sizes[uri] for uri in deleted),
+    }
 
 
 def _summary(row: SnapshotRow) -> dict:

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from jobs import faults
 from jobs.config import CONTRACT_COLUMNS, DataError, ExfmConfig, parse_ds
 from jobs.lakehouse import (
     DQ_RESULTS,
@@ -47,6 +48,9 @@ STAGING = "_staging"
 QUARANTINE = "_quarantine"
 DOCS_SITE = "local_site"
 FINITE = sys.float_info.max  # between(-FINITE, FINITE) is "finite": Spark orders NaN above +inf
+# Ids that recur from day to day: an export that re-keyed them (a new id space) breaks that,
+# although every value is well-formed; the share of rows with an id seen before is banded.
+CONTINUITY_IDS = ("user_id", "ad_id")
 MAX_REPORTED = 10  # failed expectations listed in one error message
 SPARK_TYPES = {
     "string": "StringType",
@@ -115,10 +119,11 @@ def run(table: str, ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
             return {"ds": day.isoformat(), "table": table, "suite": gate.suite, "success": True, "rows": 0}
         raise QualityError(f"{table} ds={day}: nothing staged; run the step that writes {table} first")
     staged = staged_day(spark, cfg, table, day).cache()  # GX computes many metrics over it
+    validated = _with_seen_ids(staged, day, cfg, spark).cache() if table == VM_TRAFFIC else staged
     try:
         params = _parameters(table, day, cfg, spark)
         with _GX_LOCK:
-            outcome = _validate(gate.suite, staged, params, cfg, run_name=f"{table}-{day.isoformat()}")
+            outcome = _validate(gate.suite, validated, params, cfg, run_name=f"{table}-{day.isoformat()}")
         failures = [_describe(table, r, params) for r in outcome["failed"]]
         record = {
             "ds": day.isoformat(),
@@ -148,6 +153,7 @@ def run(table: str, ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         _log_summary(record)
     finally:
         staged.unpersist()
+        validated.unpersist()
     return {
         **{k: record[k] for k in ("ds", "table", "suite", "success", "expectations", "rows", "observed")},
         "published": published,
@@ -188,12 +194,13 @@ def _record(record: dict, cfg: ExfmConfig, spark) -> None:
         spark.sql(render_sql("dq_results_create", dq_results=ref))
     source = spark.createDataFrame([row], spark.read.format("delta").load(cfg.table(DQ_RESULTS)).schema)
     # Gates of other tables of the same day (parallel DAG tasks) write the same ds partition.
-    retry_on_conflict(
-        lambda: spark.sql(
-            render_sql("dq_results_merge", dq_results=ref), args={"ds": record["ds"]}, dq_row=source
-        ),
-        what=f"dq_results {record['table']} ds={record['ds']}",
-    )
+    with faults.delta_write(DQ_RESULTS, cfg.table(DQ_RESULTS)):
+        retry_on_conflict(
+            lambda: spark.sql(
+                render_sql("dq_results_merge", dq_results=ref), args={"ds": record["ds"]}, dq_row=source
+            ),
+            what=f"dq_results {record['table']} ds={record['ds']}",
+        )
 
 
 def _log_summary(r: dict) -> None:
@@ -400,6 +407,16 @@ def vm_traffic_suite(cfg: ExfmConfig) -> list:
                 **of_vm,
             ),
         ]
+    for col, vm, name in _continuity_scopes(cfg):  # the day's rows, then each VM's (one may re-key alone)
+        of_vm = {"row_condition": Column("vm").is_in([vm]), "description": f"rows of VM {vm}"} if vm else {}
+        exps.append(
+            gxe.ExpectColumnMeanToBeBetween(
+                column=f"{col}_seen",
+                min_value=_p(f"min_seen_{name}"),
+                max_value=_p(f"max_seen_{name}"),
+                **(of_vm or {"description": f"share of the rows whose {col} was seen in the trailing days"}),
+            )
+        )
     for col in cfg.dense_features:
         lo, hi = cfg.quality.dense_ranges.get(col, (-FINITE, FINITE))
         exps.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=lo, max_value=hi))
@@ -505,6 +522,7 @@ def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
             "day_start": f"{day.isoformat()} 00:00:00",
             "day_end": f"{(day + dt.timedelta(days=1)).isoformat()} 00:00:00",
             **_trailing_bands(day, cfg, spark),
+            **_continuity_bands(day, cfg, spark),
         }
     if table == FM_DATASET:
         from jobs.fm_dataset import fm_traffic
@@ -531,6 +549,84 @@ def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
             "max_teacher_mean": min(1.0, ctr * f),
         }
     return {}
+
+
+def _with_seen_ids(staged, day: dt.date, cfg: ExfmConfig, spark):
+    """The staged day with ``<id>_seen`` (1.0 or 0.0) for each of ``CONTINUITY_IDS``: whether the
+    row's id occurs in the published vm_traffic of the trailing days. Validated, never published."""
+    from pyspark.sql import functions as F
+
+    out, history = staged, _trailing_traffic(day, cfg, spark)
+    for col in CONTINUITY_IDS:
+        if history is None:
+            out = out.withColumn(f"{col}_seen", F.lit(0.0))
+            continue
+        seen = history.select(col).distinct().withColumn(f"{col}_seen", F.lit(1.0))
+        out = out.join(seen, col, "left").fillna(0.0, subset=[f"{col}_seen"])
+    return out
+
+
+def _trailing_traffic(day: dt.date, cfg: ExfmConfig, spark):
+    """The published vm_traffic of the ``quality.trailing_days`` before ds, or None before any."""
+    from pyspark.sql import functions as F
+
+    if table_version(spark, cfg, VM_TRAFFIC) is None:
+        return None
+    start = day - dt.timedelta(days=cfg.quality.trailing_days)
+    return (
+        spark.read.format("delta")
+        .load(cfg.table(VM_TRAFFIC))
+        .where((F.col("ds") >= start.isoformat()) & (F.col("ds") < day.isoformat()))
+    )
+
+
+def _continuity_scopes(cfg: ExfmConfig) -> list[tuple[str, str, str]]:
+    """(id column, VM or "" for the whole day, parameter suffix) of every banded seen-id share."""
+    return [
+        (col, vm, col + (vm and f"_vm_{vm}"))
+        for col in CONTINUITY_IDS
+        for vm in ("", *(v.name for v in cfg.vms))
+    ]
+
+
+def _continuity_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
+    """Bands of the seen-id shares: around their mean on the trailing days that passed their gate.
+
+    A day without published days before it sees nothing (band [0, 1], its share 0 does not count
+    later); with traffic but no share recorded yet, the band is [quality.min_id_seen_share, 1].
+    """
+    from pyspark.sql import functions as F
+
+    q = cfg.quality
+    start = day - dt.timedelta(days=q.trailing_days)
+    traffic = _trailing_traffic(day, cfg, spark)
+    history = traffic is not None and bool(traffic.limit(1).count())
+    floor = q.min_id_seen_share if history else 0.0
+    bands = {}
+    for _, _, name in _continuity_scopes(cfg):
+        bands[f"min_seen_{name}"], bands[f"max_seen_{name}"] = floor, 1.0
+    if not history or table_version(spark, cfg, DQ_RESULTS) is None:
+        return bands
+    observed = [
+        json.loads(r["observed"])
+        for r in spark.read.format("delta")
+        .load(cfg.table(DQ_RESULTS))
+        .where(
+            (F.col("table") == VM_TRAFFIC)
+            & F.col("success")
+            & (F.col("ds") >= start.isoformat())
+            & (F.col("ds") < day.isoformat())
+        )
+        .select("observed")
+        .collect()
+    ]
+    for col, vm, name in _continuity_scopes(cfg):
+        rule = f"expect_column_mean_to_be_between({col}_seen{vm and f'; rows of VM {vm}'})"  # _rule_name
+        shares = [o[rule] for o in observed if o.get(rule, 0) > 0]
+        if shares:
+            mean, f = sum(shares) / len(shares), q.id_continuity_factor
+            bands[f"min_seen_{name}"], bands[f"max_seen_{name}"] = max(floor, mean / f), min(1.0, mean * f)
+    return bands
 
 
 def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:

@@ -16,6 +16,7 @@ import io
 import json
 from dataclasses import dataclass
 
+from jobs import faults
 from jobs.config import ExfmConfig
 from jobs.lakehouse import filesystem as _fs
 
@@ -41,8 +42,9 @@ class Snapshot:
     state: dict  # tensors: "model", "optimizer", ...
 
 
-def save(uri: str, state: dict, meta: dict) -> dict:
-    """Write the tensors, then meta.json naming them; returns the meta as written."""
+def save(uri: str, state: dict, meta: dict, *, kind: str = "model") -> dict:
+    """Write the tensors, then meta.json naming them; returns the meta as written. ``kind``
+    (fm, vm) names the writer for the crash-safety tests' failpoints (jobs/faults.py)."""
     import torch
     from pyarrow import fs as pafs
 
@@ -53,14 +55,18 @@ def save(uri: str, state: dict, meta: dict) -> dict:
     model_file = f"model-{sha[:12]}.pt"
     meta = {**meta, "model_file": model_file, "sha256": sha, "bytes": len(payload)}
 
+    writer = f"snapshot/{kind}"
+    faults.point(writer, "before_files")
     fs, path = _fs(uri)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{model_file}") as out:
         out.write(payload)
+    faults.point(writer, "before_commit")
     tmp = f"{path}/.{META}.tmp"
     with fs.open_output_stream(tmp) as out:
         out.write(json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
     fs.move(tmp, f"{path}/{META}")  # the commit point
+    faults.point(writer, "after_commit")
     for info in fs.get_file_info(pafs.FileSelector(path)):  # files of an earlier run of the same day
         if info.base_name.startswith("model-") and info.base_name != model_file:
             fs.delete_file(info.path)
@@ -107,6 +113,13 @@ def delete(uri: str) -> bool:
         return False
     fs.delete_dir(path)
     return True
+
+
+def size(uri: str) -> int:
+    """Bytes of a snapshot directory (0 when it is gone)."""
+    from jobs.lakehouse import tree_bytes
+
+    return tree_bytes(*_fs(uri))
 
 
 def trained_days(parent_uri: str) -> list[dt.date]:

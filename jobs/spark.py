@@ -24,6 +24,7 @@ from pathlib import Path
 from jobs.config import ExfmConfig
 
 SCALA = "2.13"
+LOG4J2 = Path(__file__).with_name("log4j2.properties")  # the jobs' JVM logging (warnings, short traces)
 
 
 class SparkSetupError(RuntimeError):
@@ -52,6 +53,9 @@ def _session_conf(cfg: ExfmConfig) -> dict[str, str]:
         # pandas writes event times as TIMESTAMP(NANOS), which Spark cannot read as a timestamp;
         # read as the int64 they are, ingest converts them to microseconds (jobs/ingest.py).
         "spark.sql.legacy.parquet.nanosAsLong": "true",
+        # VACUUM lists a table's files in a Spark job of this many tasks (default 10,000: minutes of
+        # scheduling on a small driver for a table of a few hundred files); size it like the shuffles.
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(cfg.spark.shuffle_partitions),
     }
 
 
@@ -83,6 +87,8 @@ def _driver_builder(cfg: ExfmConfig):
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         .config("spark.driver.memory", s.driver_memory)
         .config("spark.ui.showConsoleProgress", "false")
+        # The JVM logs at WARN from its first line (setLogLevel comes after the startup INFO lines).
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}")
     )
     for key, value in {**_session_conf(cfg), **s.conf}.items():
         builder = builder.config(key, value)

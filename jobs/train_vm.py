@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from jobs import publishing, snapshots
+from jobs import faults, publishing, snapshots
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import (
     VM_SNAPSHOTS,
@@ -216,7 +216,8 @@ def run(
         spark.sql(render_sql("vm_snapshots_create", vm_snapshots=ref))
         spark.sql(render_sql("vm_snapshots_upsert", vm_snapshots=ref), args=args)
 
-    retry_on_conflict(register, what=f"vm_snapshots {vm.name}/{method} ds={day}")
+    with faults.delta_write(VM_SNAPSHOTS, cfg.table(VM_SNAPSHOTS)):
+        retry_on_conflict(register, what=f"vm_snapshots {vm.name}/{method} ds={day}")
     return saved | {"cold_start": cold_start, **lineage}
 
 

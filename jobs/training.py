@@ -167,7 +167,8 @@ def save_day(
     meta = snapshots.save(
         uri,
         state,
-        {
+        kind="vm" if "vm" in extra else "fm",
+        meta={
             **extra,
             "trained_through_ds": day.isoformat(),
             "continued_from": prev_uri,

@@ -139,6 +139,7 @@ login = ", ".join(f"user {u} password {p}" for u, p in json.loads(passwords.read
 print(f"\nAirflow: http://127.0.0.1:{port}  ({login}; the passwords are kept in {passwords})\n"
       "DAGs are paused when they first appear: unpause exfm_daily in the UI or with\n"
       "  ./exfm airflow dags unpause exfm_daily    (with the same AIRFLOW_HOME)\n"
+      "and exfm_maintenance (weekly: VACUUM, retention, snapshot GC) the same way.\n"
       "Ctrl-C stops every component.\n", flush=True)
 PY
 fi

@@ -31,13 +31,26 @@ STRUCTURE = {
     "teacher_freshness": [],
 }
 
+MAINTENANCE = {
+    "staging": ["compact_and_vacuum"],
+    "delta_tables": ["compact_and_vacuum"],
+    "compact_and_vacuum": ["fm_snapshots", "vm_snapshots"],
+    "fm_snapshots": [],
+    "vm_snapshots": [],
+    "quarantine": [],
+    "scratch": [],
+    "data_docs": [],
+}
+
 RUNNER = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 heavy = sorted(m for m in ("torch", "pyspark", "jobs", "great_expectations") if m in sys.modules)
 dag = bag.dags["exfm_daily"]
+weekly = bag.dags["exfm_maintenance"]
 print("RESULT " + json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy,
+                              "maintenance": {t.task_id: sorted(t.downstream_task_ids) for t in weekly.tasks},
                               "structure": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks},
                               "assets": {t.task_id: [sorted(a.name for a in t.inlets),
                                                      sorted(a.name for a in t.outlets)] for t in dag.tasks}}))
@@ -68,6 +81,7 @@ def test_dag_parses_light_and_is_wired_as_designed(tmp_path):
     assert result["errors"] == {}  # also: no cycles (a cycle is an import error)
     assert result["heavy"] == []  # nothing heavy at parse time
     assert result["structure"] == STRUCTURE
+    assert result["maintenance"] == MAINTENANCE
     # Data flow as Airflow Assets: each table has one writer (its gate or publisher), and a task
     # that reads a table of the same day runs downstream of its writer (snapshots and the pointer
     # it reads are the day before's).
@@ -194,35 +208,32 @@ def test_evaluate_reruns_idempotently_and_refuses_a_broken_chain(spark, two_days
     ],
 )
 def test_spark_default_connection_says_where_the_jobs_spark_is(monkeypatch, tmp_path, uri, remote, master):
-    monkeypatch.syspath_prepend(str(REPO / "dags"))
-    from exfm_daily import _with_spark_connection
+    from dags.exfm_common import with_spark_connection
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", uri)
-    spark = _with_spark_connection(tiny_config(tmp_path)).spark
+    spark = with_spark_connection(tiny_config(tmp_path)).spark
     assert (spark.remote, spark.master) == (remote, master)
 
 
-def test_bad_data_fails_the_task_at_once_and_other_errors_are_retried(monkeypatch):
+def test_bad_data_fails_the_task_at_once_and_other_errors_are_retried():
     """A contract or quality failure cannot pass on a retry: AirflowFailException skips the
     task's retries; any other error (a lost executor, a Delta conflict) keeps them."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from dags.exfm_common import bad_data_fails_at_once
     from jobs.ingest import ContractError
     from jobs.quality import QualityError
 
-    monkeypatch.syspath_prepend(str(REPO / "dags"))
-    from exfm_daily import _bad_data_fails_at_once
-
     for error in (ContractError("landing file x: column click: must be 0 or 1"), QualityError("table t")):
 
-        @_bad_data_fails_at_once
+        @bad_data_fails_at_once
         def step(error=error):
             raise error
 
         with pytest.raises(AirflowFailException, match=str(error)):
             step()
 
-    @_bad_data_fails_at_once
+    @bad_data_fails_at_once
     def transient():
         raise ConnectionError("executor lost")
 

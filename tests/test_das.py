@@ -304,7 +304,9 @@ def test_killed_publisher_leaves_no_snapshot_and_next_run_publishes(spark, world
     root, cfg = world
     day = DAYS[2]
     train_fm.run(day, cfg, spark, publish=False)  # files written, row not yet appended
-    killed = _cli(root, "publish", "--ds", str(day), env_extra={"EXFM_FAILPOINT": "publish.before_commit"})
+    killed = _cli(
+        root, "publish", "--ds", str(day), env_extra={"EXFM_FAILPOINT": "fm_snapshots@before_files"}
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert "2026-01-03" not in {r.trained_through_ds for r in publishing.list_snapshots(cfg, spark)}
     assert publishing.resolve_for_day(DAYS[3], cfg, spark).trained_through_ds == "2026-01-02"

@@ -156,6 +156,10 @@ def _every_vm(cfg, change):
     return "ingest"
 
 
+def _re_key_users(df):
+    return df.assign(user_id=df["user_id"].str[1:].astype("int64") * 7919 + 1_000_003)
+
+
 def _truncate(cfg):
     path = sorted((_landing(cfg, D2) / "vm=search").glob("*.parquet"))[0]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -323,6 +327,18 @@ CASES = [
         lambda c, s: _every_vm(c, lambda df: df.assign(click=np.where(_every(df, 3), 1, df["click"]))),
         "validate vm_traffic",
         ("table vm_traffic", "column click", "expect_column_mean_to_be_between", "observed 0."),
+    ),
+    Case(
+        "user_ids_re_keyed",  # an export that wrote user_id as integers of a remapped id space
+        lambda c, s: _every_vm(c, _re_key_users),
+        "validate vm_traffic",
+        ("table vm_traffic", "column user_id_seen", "expect_column_mean_to_be_between", "observed 0"),
+    ),
+    Case(
+        "one_vm_re_keyed",  # only search's export re-keyed: the day's share drops by a third, search's to 0
+        lambda c, s: _rewrite(c, "search", _re_key_users, every_file=True),
+        "validate vm_traffic",
+        ("table vm_traffic", "column user_id_seen", "rows of VM search", "observed 0"),
     ),
     Case(
         "one_vm_ctr_jumps",  # feed's CTR 2.6x, the day's pooled CTR 1.5x (inside its band)

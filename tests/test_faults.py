@@ -1,0 +1,194 @@
+"""The fault matrix: every writer of a day killed (SIGKILL) at each of its failpoints, then re-run.
+
+Two worlds of the same tiny synthetic days: in world A day 2 runs undisturbed, step by step, and
+the content of every table after each step is the reference. In world B each step of day 2 is
+first run as a real `exfm` process killed at a failpoint (jobs/faults.py: before any file, after
+its files and before the commit, after the commit), once per point; after each kill every table
+holds either what it held before the step or exactly the reference after it (nothing partial is
+visible), and a snapshot either loads as the reference or does not exist for a reader. Then the
+step runs to the end (a re-run from whatever the kills left) and its tables equal world A's.
+Files a killed Delta writer left are referenced by no version: no reader can pick them up (the
+maintenance DAG's VACUUM deletes them).
+"""
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, TimestampType
+
+from jobs import (
+    das,
+    evaluate,
+    fm_dataset,
+    ingest,
+    maintenance,
+    publishing,
+    quality,
+    snapshots,
+    train_fm,
+    train_vm,
+)
+from jobs.lakehouse import FM_DATASET, VM_EVAL, VM_TRAFFIC, VM_TRAINING, is_delta
+from tests.conftest import REPO, TINY, land_days, tiny_config
+from tests.test_ingest import checksum
+
+D1, D2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
+VM, METHOD = "feed", "ah_sa"
+VOLATILE = ("data_docs", "quarantine")  # paths with the validation's wall-clock time in them
+
+# Day 2, step by step: (step, the `exfm` arguments of its process, the writers killed in it).
+STEPS = [
+    ("ingest", ["ingest"], []),
+    ("validate vm_traffic", ["validate", "--table", VM_TRAFFIC], [VM_TRAFFIC, "dq_results"]),
+    ("build-fm-dataset", ["build-fm-dataset"], []),
+    ("validate fm_dataset", ["validate", "--table", FM_DATASET], [FM_DATASET]),
+    ("train-fm", ["train-fm"], ["snapshot/fm"]),
+    ("publish", ["publish"], ["fm_snapshots"]),
+    ("update-pointer", ["update-pointer"], ["fm_pointer"]),
+    ("das-score", ["das-score"], ["_staging/vm_training"]),
+    ("validate vm_training", ["validate", "--table", VM_TRAINING], []),
+    ("train-vm", ["train-vm", "--vm", VM, "--method", METHOD], ["snapshot/vm", "vm_snapshots"]),
+    ("evaluate", ["evaluate"], []),
+    ("validate vm_eval", ["validate", "--table", VM_EVAL], [VM_EVAL]),
+]
+WHEN = ("before_files", "before_commit", "after_commit")
+KILLS = [(step, writer, when) for step, _, writers in STEPS for writer in writers for when in WHEN]
+
+
+def _run_step(step: str, cfg, spark) -> None:
+    """The step in this process, to the end (what the DAG task runs)."""
+    {
+        "ingest": lambda: ingest.run(D2, cfg, spark),
+        "validate vm_traffic": lambda: quality.run(VM_TRAFFIC, D2, cfg, spark),
+        "build-fm-dataset": lambda: fm_dataset.run(D2, cfg, spark),
+        "validate fm_dataset": lambda: quality.run(FM_DATASET, D2, cfg, spark),
+        "train-fm": lambda: train_fm.run(D2, cfg, spark, publish=False),
+        "publish": lambda: publishing.publish(D2, cfg, spark),
+        "update-pointer": lambda: publishing.update_pointer(cfg, spark),
+        "das-score": lambda: das.run(D2, cfg, spark),
+        "validate vm_training": lambda: quality.run(VM_TRAINING, D2, cfg, spark),
+        "train-vm": lambda: train_vm.run(D2, VM, cfg, spark, method=METHOD),
+        "evaluate": lambda: evaluate.run(D2, cfg, spark),
+        "validate vm_eval": lambda: quality.run(VM_EVAL, D2, cfg, spark),
+    }[step]()
+
+
+def _day_one(cfg, spark) -> None:
+    land_days([D1, D2], cfg, spark)  # day 2's landing files and, on day 1, the whole start of the DAG
+    train_fm.run(D1, cfg, spark)
+    publishing.update_pointer(cfg, spark)
+    train_vm.run(D1, VM, cfg, spark, method=METHOD)
+
+
+def _tables(cfg) -> list[str]:
+    return [t for t in maintenance.tables(cfg) if is_delta(cfg.table(t))]
+
+
+def _content(spark, cfg, root) -> dict:
+    """Every table's rows as a checksum, without wall-clock times and with paths relative to the world."""
+    out = {}
+    for t in _tables(cfg):
+        df = spark.read.format("delta").load(cfg.table(t))
+        cols = []
+        for field in df.schema.fields:
+            if isinstance(field.dataType, TimestampType) or field.name in VOLATILE:
+                continue
+            col = F.col(f"`{field.name}`")
+            if isinstance(field.dataType, StringType):
+                col = F.replace(col, F.lit(f"file:{root}"), F.lit("")).alias(field.name)
+                col = F.replace(col, F.lit(str(root)), F.lit("")).alias(field.name)
+            cols.append(col)
+        out[t] = checksum(df.select(*cols))
+    return out
+
+
+def _snapshot(cfg, writer: str) -> str:
+    return snapshots.fm_uri(cfg, D2) if writer == "snapshot/fm" else snapshots.vm_uri(cfg, VM, METHOD, D2)
+
+
+@pytest.fixture(scope="module")
+def worlds(spark, tmp_path_factory):
+    a_root, b_root = tmp_path_factory.mktemp("undisturbed"), tmp_path_factory.mktemp("killed")
+    a, b = tiny_config(a_root), tiny_config(b_root)
+    _day_one(a, spark)
+    reference = {}
+    for step, _, _ in STEPS:
+        _run_step(step, a, spark)
+        reference[step] = _content(spark, a, a_root)
+    reference["snapshots"] = {
+        w: snapshots.read_meta(_snapshot(a, w))["sha256"] for w in ("snapshot/fm", "snapshot/vm")
+    }
+    _day_one(b, spark)
+    return SimpleNamespace(a=a, b=b, root=b_root, reference=reference, done=[], matrix=[])
+
+
+def _advance(worlds, spark, upto: str | None) -> dict:
+    """Run (to the end, in this process) every step of world B before ``upto`` not yet run; the
+    content of the tables before ``upto``."""
+    for step, _, _ in STEPS:
+        if step == upto:
+            break
+        if step not in worlds.done:
+            _run_step(step, worlds.b, spark)
+            worlds.done.append(step)
+    return _content(spark, worlds.b, worlds.root)
+
+
+def _killed(worlds, args: list[str], failpoint: str):
+    day = [] if args[0] == "update-pointer" else ["--ds", D2.isoformat()]
+    argv = [sys.executable, "-m", "jobs.cli", *args, *day, "--config", str(REPO / "exfm.yaml")]
+    for item in [*TINY, f"lakehouse_root={worlds.root / 'lakehouse'}", "spark.master=local[1]"]:
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EXFM_FAILPOINT": failpoint}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("kill", KILLS, ids=[f"{w}@{when}" for _, w, when in KILLS])
+def test_a_killed_writer_leaves_nothing_partial_and_the_rerun_recovers(spark, worlds, kill):
+    step, writer, when = kill
+    args = next(a for s, a, _ in STEPS if s == step)
+    before = _advance(worlds, spark, step)
+    done = _killed(worlds, args, f"{writer}@{when}")
+    assert done.returncode == -9, f"{step} was not killed at {writer}@{when}:\n{done.stderr[-3000:]}"
+    landed = "after_commit" if "after_commit" in done.stderr.rsplit("failpoint ", 1)[-1] else when
+
+    # Nothing partial is visible: each table holds what it held before the step, or all of it.
+    after = _content(spark, worlds.b, worlds.root)
+    reference = worlds.reference[step]
+    partial = [t for t in after if after[t] not in (before.get(t), reference[t])]
+    assert not partial, f"{writer}@{when}: {partial} hold neither the state before {step} nor after it"
+    if writer.startswith("snapshot/"):  # a snapshot loads as the undisturbed one, or not at all
+        uri = _snapshot(worlds.b, writer)
+        if landed == "after_commit":
+            assert snapshots.load(uri).meta["sha256"] == worlds.reference["snapshots"][writer]
+        else:
+            assert not snapshots.exists(uri)
+            with pytest.raises(snapshots.SnapshotError):
+                snapshots.load(uri)
+
+    worlds.matrix.append({"step": step, "writer": writer, "failpoint": when, "landed": landed})
+    if kill == next(k for k in reversed(KILLS) if k[0] == step):  # the step's last kill: re-run it
+        _run_step(step, worlds.b, spark)
+        worlds.done.append(step)
+        assert _content(spark, worlds.b, worlds.root) == reference, f"{step} re-run after the kills"
+        worlds.matrix[-1]["recovered"] = True
+
+
+def test_every_step_ends_as_the_undisturbed_run(spark, worlds):
+    _advance(worlds, spark, None)
+    assert _content(spark, worlds.b, worlds.root) == worlds.reference[STEPS[-1][0]]
+    for writer, sha in worlds.reference["snapshots"].items():
+        assert snapshots.load(_snapshot(worlds.b, writer)).meta["sha256"] == sha
+    kills = len(worlds.matrix)
+    steps = {m["step"] for m in worlds.matrix}
+    recovered = {m["step"] for m in worlds.matrix if m.get("recovered")}
+    print(json.dumps({"kills": kills, "steps_killed": len(steps), "steps_recovered": len(recovered)}))
+    for m in worlds.matrix:
+        print(json.dumps(m))
+    assert kills == len(KILLS) and recovered == steps
