@@ -33,7 +33,7 @@ def _step(name: str, **kwargs) -> dict:
 
     ds, cfg, spark = task_context()
     dry_run = bool(get_current_context()["params"]["dry_run"])
-    return maintenance.STEP_FUNCTIONS[name](ds, cfg, spark, dry_run=dry_run, **kwargs)
+    return maintenance.STEPS[name](ds, cfg, spark, dry_run=dry_run, **kwargs)
 
 
 @dag(

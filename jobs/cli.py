@@ -138,8 +138,7 @@ def cmd_maintenance(cfg: ExfmConfig, args) -> None:
     from jobs import maintenance
     from jobs.spark import build_spark
 
-    steps = args.step or maintenance.STEPS
-    _print(maintenance.run(args.ds, cfg, build_spark(cfg), dry_run=args.dry_run, steps=steps))
+    _print(maintenance.run(args.ds, cfg, build_spark(cfg), dry_run=args.dry_run, steps=args.step))
 
 
 def cmd_lineage(cfg: ExfmConfig, args) -> None:

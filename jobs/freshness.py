@@ -61,8 +61,12 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
             else ""
         )
         + f". {cost_sentence(eval_rows(cfg, spark), age)} "
-        "Fix train_fm / publish_fm / update_pointer of those days and clear them, "
-        "or the VMs keep learning from a stale teacher."
+        + (
+            f"das.freeze_days={cfg.das.freeze_days} holds the DAS back on purpose (a staleness study)."
+            if cfg.das.freeze_days
+            else "Fix train_fm / publish_fm / update_pointer of those days and clear them, "
+            "or the VMs keep learning from a stale teacher."
+        )
     )
 
 

@@ -259,9 +259,14 @@ def _parquet(uri: str):
     return pq.ParquetFile(fs.open_input_file(path))
 
 
+def table_properties(spark, cfg: ExfmConfig, table: str) -> dict[str, str]:
+    """A Delta table's properties (metadata only, no Spark job)."""
+    return dict(spark.sql(f"SHOW TBLPROPERTIES {table_ref(cfg, table)}").collect())
+
+
 def _direct_files(spark, cfg: ExfmConfig, table: str, df, ordered: bool) -> list[str] | None:
     """The day's files, in arrival order if ``ordered``; None when reading the files alone is wrong."""
-    properties = dict(spark.sql(f"SHOW TBLPROPERTIES {table_ref(cfg, table)}").collect())  # metadata, no job
+    properties = table_properties(spark, cfg, table)
     if any(properties.get(k, "false") not in ("false", "none") for k in _DIRECT_UNSAFE):
         return None  # deletion vectors or column mapping: only Delta's reader applies them
     files = sorted(df.inputFiles())

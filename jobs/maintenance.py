@@ -5,9 +5,10 @@ backfilled lakehouse ages by its days, not by when it was written) and ``dry_run
 would go and remove nothing. Each returns what it removed (or would), with the bytes.
 
 - ``compact_and_vacuum``: Delta ``OPTIMIZE`` of the bookkeeping tables (small files from daily
-  MERGEs) and ``VACUUM`` of every table, ``maintenance.retention_hours`` (at least Delta's
-  7 days: its safety check stays on, so a reader or a backfill pinned to a version inside the
-  retention still time-travels). The day tables are not compacted: each day is written once, in
+  MERGEs) and ``VACUUM`` of every table, with ``maintenance.retention_hours`` set as the table's
+  ``delta.deletedFileRetentionDuration`` (Delta 4 ignores a RETAIN clause; at least its 7 days:
+  the safety check stays on, so a reader or a backfill pinned to a version inside the retention
+  still time-travels). The day tables are not compacted: each day is written once, in
   range-sorted files that training reads directly in arrival order, which bin-packing would undo.
 - ``staging``: staged days older than ``staging_days`` that were published (a staged day that
   never passed its gate stays until someone fixes it).
@@ -44,6 +45,7 @@ from jobs.lakehouse import (
     filesystem,
     is_delta,
     render_sql,
+    table_properties,
     table_ref,
     table_version,
     tree_bytes,
@@ -53,24 +55,16 @@ log = logging.getLogger(__name__)
 
 DAY_TABLES = (VM_TRAFFIC, FM_DATASET, VM_TRAINING)  # one replaceWhere per day, arrival-ordered files
 BOOKKEEPING = (FM_SNAPSHOTS, FM_POINTER, VM_SNAPSHOTS, VM_EVAL, DQ_RESULTS)  # many small MERGE commits
-STEPS = (
-    "compact_and_vacuum",
-    "staging",
-    "quarantine",
-    "scratch",
-    "fm_snapshots",
-    "vm_snapshots",
-    "data_docs",
-)
 
 
-def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, dry_run: bool = False, steps=STEPS) -> dict:
+def run(ds: str | dt.date, cfg: ExfmConfig, spark, *, dry_run: bool = False, steps=None) -> dict:
     """Every maintenance step (or those of ``steps``) for the maintenance day ``ds``."""
+    steps = steps or list(STEPS)
     if unknown := set(steps) - set(STEPS):
         raise ValueError(f"unknown maintenance steps {sorted(unknown)}; choose from {list(STEPS)}")
     out = {"ds": parse_ds(ds).isoformat(), "dry_run": dry_run}
     for step in steps:
-        out[step] = STEP_FUNCTIONS[step](ds, cfg, spark, dry_run=dry_run)
+        out[step] = STEPS[step](ds, cfg, spark, dry_run=dry_run)
     out["bytes"] = sum(v.get("bytes", 0) for v in out.values() if isinstance(v, dict))
     return out
 
@@ -96,14 +90,19 @@ def compact_and_vacuum(ds, cfg: ExfmConfig, spark, *, dry_run: bool = False, onl
                 "files_removed": metrics["numFilesRemoved"],
                 "files_added": metrics["numFilesAdded"],
             }
+        retention = f"interval {int(hours)} hours"
+        if (
+            not dry_run
+            and table_properties(spark, cfg, table).get("delta.deletedFileRetentionDuration") != retention
+        ):
+            spark.sql(render_sql("maintenance_retention", table=ref, hours=str(int(hours))))
         # DRY RUN lists the files VACUUM deletes: their sizes first, then (for real) the deletion.
-        vacuum = {"table": ref, "hours": str(int(hours))}
         doomed = [
-            r[0] for r in spark.sql(render_sql("maintenance_vacuum", **vacuum, dry_run="DRY RUN")).collect()
+            r[0] for r in spark.sql(render_sql("maintenance_vacuum", table=ref, dry_run="DRY RUN")).collect()
         ]
         size = _file_bytes(doomed)
         if doomed and not dry_run:
-            spark.sql(render_sql("maintenance_vacuum", **vacuum, dry_run=""))
+            spark.sql(render_sql("maintenance_vacuum", table=ref, dry_run=""))
         out[table] = done | {"vacuumed_files": len(doomed), "bytes": size}
         total += size
     return {"tables": out, "retention_hours": hours, "bytes": total}
@@ -201,7 +200,7 @@ def data_docs(ds, cfg: ExfmConfig, spark=None, *, dry_run: bool = False) -> dict
     return out
 
 
-STEP_FUNCTIONS = {
+STEPS = {  # in the order `run` takes them
     "compact_and_vacuum": compact_and_vacuum,
     "staging": staging,
     "quarantine": quarantine,

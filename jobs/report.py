@@ -104,7 +104,7 @@ def render_day(
     gains = ne_gains(today)
     parts = [
         f"<h1>ExFM daily report — ds={day.isoformat()}</h1>",
-        *([f"<div class='alarm' role='alert'><b>Stale teacher.</b> {_e(alarm)}</div>"] if alarm else []),
+        *([f"<div class='alarm' role='alert'><b>Alarm:</b> {_e(alarm)}</div>"] if alarm else []),
         f"<p>DAS teacher: <code>{_e(das_snapshot or 'none (no FM trained before this day)')}</code>"
         f" · pointer <code>{_e(cfg.das.pointer)}</code>: <code>{_e(pointer.snapshot_id if pointer else '-')}"
         f"</code> · <a href='index.html'>all days</a></p>",

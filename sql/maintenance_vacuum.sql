@@ -1,3 +1,3 @@
--- Delete the files no version inside the retention needs; Delta's safety check (at least 7 days)
--- stays on. $hours is a validated integer from the config: VACUUM takes no parameter marker.
-VACUUM $table RETAIN $hours HOURS $dry_run
+-- Delete the files no version inside the table's delta.deletedFileRetentionDuration needs (Delta 4
+-- takes the retention from the table, not from a RETAIN clause); its safety check stays on.
+VACUUM $table $dry_run

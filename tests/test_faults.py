@@ -34,7 +34,7 @@ from jobs import (
     train_fm,
     train_vm,
 )
-from jobs.lakehouse import FM_DATASET, VM_EVAL, VM_TRAFFIC, VM_TRAINING, is_delta
+from jobs.lakehouse import FM_DATASET, VM_EVAL, VM_TRAFFIC, VM_TRAINING
 from tests.conftest import REPO, TINY, land_days, tiny_config
 from tests.test_ingest import checksum
 
@@ -86,14 +86,10 @@ def _day_one(cfg, spark) -> None:
     train_vm.run(D1, VM, cfg, spark, method=METHOD)
 
 
-def _tables(cfg) -> list[str]:
-    return [t for t in maintenance.tables(cfg) if is_delta(cfg.table(t))]
-
-
 def _content(spark, cfg, root) -> dict:
     """Every table's rows as a checksum, without wall-clock times and with paths relative to the world."""
     out = {}
-    for t in _tables(cfg):
+    for t in maintenance.tables(cfg):
         df = spark.read.format("delta").load(cfg.table(t))
         cols = []
         for field in df.schema.fields:
