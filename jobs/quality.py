@@ -644,15 +644,12 @@ def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
     bands |= {f"min_mean_vm_{vm.name}": 0.0 for vm in cfg.vms} | {
         f"max_mean_vm_{vm.name}": 1.0 for vm in cfg.vms
     }
-    if table_version(spark, cfg, VM_TRAFFIC) is None:
+    traffic = _trailing_traffic(day, cfg, spark)
+    if traffic is None:
         return bands
-    start = day - dt.timedelta(days=q.trailing_days)
     label = F.coalesce(*[F.col(c) for c in cfg.labels])  # a VM's rows carry its own label
     history = (  # one small row per VM
-        spark.read.format("delta")
-        .load(cfg.table(VM_TRAFFIC))
-        .where((F.col("ds") >= start.isoformat()) & (F.col("ds") < day.isoformat()))
-        .groupBy("vm")
+        traffic.groupBy("vm")
         .agg(
             F.countDistinct("ds").alias("days"),
             F.count("*").alias("rows"),
