@@ -193,8 +193,18 @@ def score_snapshots(
         judged.append((model.eval(), FeatureEncoder.from_state(snap.meta["encoder"]), snap.meta, head))
     columns = [*dict.fromkeys(c for _, enc, _, _ in judged for c in enc.columns), label, *scores]
     metrics = [StreamingBinaryMetrics() for _ in [*judged, *scores]]
+    categorical = tuple(c for _, enc, _, _ in judged for c in enc.categorical)
     day_rows = arrow_day(
-        spark, cfg, table, day, columns, vm=vm_name, ordered=False, batch_rows=16_384, files=files
+        spark,
+        cfg,
+        table,
+        day,
+        columns,
+        vm=vm_name,
+        ordered=False,
+        batch_rows=16_384,
+        files=files,
+        dictionary=categorical,
     )
     with day_rows as (rows, batches), torch.no_grad():
         if not rows:

@@ -201,6 +201,7 @@ def arrow_day(
     ordered: bool = True,
     batch_rows: int = 65_536,
     files: DayFiles | None = None,
+    dictionary: tuple[str, ...] = (),
 ):
     """One day of a Delta table for a Python consumer, Arrow all the way: yields ``(rows, batches())``.
 
@@ -212,7 +213,8 @@ def arrow_day(
     sorted by Spark first (``spark_to_arrow``), so the batches are the same whatever the file
     layout. ``rows`` (before any filtering by the consumer) comes from the files' footers. Every
     batch has the schema of ``columns`` (those the table has): a column missing from older files
-    reads as nulls.
+    reads as nulls. The string columns named in ``dictionary`` come dictionary-encoded, as Parquet
+    stores them, when read from the files (the encoder then hashes each distinct id once).
     """
     import pyarrow as pa
 
@@ -237,8 +239,16 @@ def arrow_day(
         with spark_to_arrow(out.select(*wanted), cfg, batch_rows=batch_rows) as day:
             yield day
         return
-    schema = pa.schema([table_schema.field(c) for c in wanted])
-    readers = [_parquet(f) for f in direct]
+    as_dictionary = [c for c in wanted if c in dictionary and pa.types.is_string(table_schema.field(c).type)]
+    schema = pa.schema(
+        [
+            table_schema.field(c).with_type(pa.dictionary(pa.int32(), pa.string()))
+            if c in as_dictionary
+            else table_schema.field(c)
+            for c in wanted
+        ]
+    )
+    readers = [_parquet(f, read_dictionary=as_dictionary) for f in direct]
 
     def batches():
         for reader in readers:
@@ -252,11 +262,11 @@ def arrow_day(
     yield sum(r.metadata.num_rows for r in readers), batches()
 
 
-def _parquet(uri: str):
+def _parquet(uri: str, **options):
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri.removeprefix("file:"))
-    return pq.ParquetFile(fs.open_input_file(path))
+    return pq.ParquetFile(fs.open_input_file(path), **options)
 
 
 def table_properties(spark, cfg: ExfmConfig, table: str) -> dict[str, str]:

@@ -99,7 +99,8 @@ def day_batches(
 
     extra = [*((label,) if isinstance(label, str) else label), *([teacher] if teacher else [])]
     columns = [*encoder.columns, *extra, *(["request_id"] if holdout else [])]
-    with arrow_day(spark, cfg, table, day, columns, vm=vm, files=files) as (rows, batches):
+    day_rows = arrow_day(spark, cfg, table, day, columns, vm=vm, files=files, dictionary=encoder.categorical)
+    with day_rows as (rows, batches):
         if holdout is not None:
             keep = holdout == "only"
             batches = (

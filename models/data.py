@@ -76,6 +76,23 @@ def _sums_by_length(data, offsets, lengths, present, powers) -> np.ndarray:
     return sums
 
 
+def _distinct(column: pa.Array | pa.ChunkedArray) -> list[tuple[pa.Array, np.ndarray]]:
+    """(values, index) per chunk of a categorical column: the chunk's rows are ``values[index]``.
+
+    A dictionary-encoded chunk (Parquet's dictionary pages read as they are, see
+    ``lakehouse.arrow_day``) gives its dictionary, so each distinct id is hashed once per chunk,
+    not once per row; a null row's index is -1.
+    """
+    out = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if pa.types.is_dictionary(chunk.type):
+            index = chunk.indices.fill_null(-1).to_numpy().astype(np.int64)
+            out.append((_strings(chunk.dictionary), index))
+        else:
+            out.append((_strings(chunk), np.arange(len(chunk), dtype=np.int64)))
+    return out
+
+
 def _strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """One string array; ids logged as numbers hash as their text."""
     if isinstance(values, pa.ChunkedArray):
@@ -157,14 +174,19 @@ class FeatureEncoder:
         cat = np.full((n, len(self.categorical)), MISSING, dtype=np.int64)  # (B, F)
         present = [j for j, name in enumerate(self.categorical) if name in batch.schema.names]
         if present and n:
-            # One hash call for every field of the batch: the per-call overhead is paid once.
-            values = pa.concat_arrays(
-                [_strings(batch.column(self.categorical[j])) for j in present]
-            )  # (F'·B,)
-            hashed = hash_strings(values, self.seed).reshape(len(present), n).T  # (B, F')
+            # One hash call for every field of the batch (the per-call overhead is paid once), over
+            # distinct values only where a column is dictionary-encoded (see _distinct).
+            pieces = [p for j in present for p in _distinct(batch.column(self.categorical[j]))]
+            starts = np.cumsum([0, *(len(v) for v, _ in pieces)])
+            null_at = starts[-1]  # null rows point at a null appended after all the values
+            index = np.concatenate(
+                [np.where(i < 0, null_at, i + start) for (_, i), start in zip(pieces, starts, strict=False)]
+            )  # (F'·B,) each row's position in values
+            values = pa.concat_arrays([*(v for v, _ in pieces), pa.nulls(1, pa.string())])
+            hashed = hash_strings(values, self.seed)[index].reshape(len(present), n).T  # (B, F')
             buckets = 1 + (hashed % np.uint64(self.buckets - 1)).astype(np.int64)
-            null = values.is_null().to_numpy(zero_copy_only=False).reshape(len(present), n).T
-            cat[:, present] = np.where(null, MISSING, buckets)
+            null = values.is_null().to_numpy(zero_copy_only=False)[index]
+            cat[:, present] = np.where(null.reshape(len(present), n).T, MISSING, buckets)
 
         x = np.full((n, len(self.dense)), np.nan)  # (B, D) raw values, NaN = null
         for j, name in enumerate(self.dense):

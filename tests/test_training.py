@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -184,6 +185,13 @@ def test_same_rows_give_the_same_batches_whatever_the_file_layout(spark, world, 
         return lakehouse._direct_files(spark, c, FM_DATASET, read_day(spark, c, FM_DATASET, DAYS[0]), True)
 
     assert direct(cfg) is not None and direct(scattered) is None
+    # The writers' layout is read from the files, ids as Parquet's dictionaries; the other through Spark.
+    for c, kind in ((cfg, pa.types.is_dictionary), (scattered, pa.types.is_string)):
+        with lakehouse.arrow_day(spark, c, FM_DATASET, DAYS[0], ["user_id"], dictionary=("user_id",)) as (
+            _,
+            rbs,
+        ):
+            assert kind(next(iter(rbs)).schema.field("user_id").type)
     for kw in ({"update_stats": True, "holdout": "exclude"}, {"holdout": "only"}):
         ours, theirs = _batches(spark, cfg, **kw), _batches(spark, scattered, **kw)
         assert [b.size for b in ours] == [b.size for b in theirs]

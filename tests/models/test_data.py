@@ -71,6 +71,25 @@ def test_hash_strings_follows_its_rule_whatever_the_batch():
     assert len(spread) == 1000  # sequential ids fill every bucket
 
 
+def test_dictionary_encoded_ids_get_the_buckets_of_their_text():
+    """Parquet's dictionary pages read as they are (one dictionary per chunk, nulls in the indices
+    or in the dictionary) map every row to the bucket its plain text gets."""
+    plain = pa.table({"user_id": ["a", None, "b", "a", "c", None, "b", "zz"], "ad_id": list("pqpqpqpq")})
+    chunks = [  # rows 0-3 (a null index), rows 4-7 (a null in the dictionary, an unused value)
+        pa.DictionaryArray.from_arrays(pa.array([0, None, 1, 0], pa.int32()), pa.array(["a", "b"])),
+        pa.DictionaryArray.from_arrays(
+            pa.array([3, 1, 0, 4], pa.int32()), pa.array(["b", None, "x", "c", "zz"])
+        ),
+    ]
+    encoded = pa.table({"user_id": pa.chunked_array(chunks), "ad_id": plain["ad_id"]})
+    assert encoded["user_id"].to_pylist() == plain["user_id"].to_pylist()
+    enc = FeatureEncoder(categorical=("user_id", "ad_id", "nope"), dense=(), buckets=1000, seed=7)
+    expected, _ = enc.encode(plain, update_stats=False)
+    got, _ = enc.encode(encoded, update_stats=False)
+    assert torch.equal(got, expected)
+    assert (got[[1, 5], 0] == MISSING).all() and (got[[0, 2, 3, 4, 6, 7], 0] != MISSING).all()
+
+
 def test_snapshots_of_another_hashing_are_refused():
     state = FeatureEncoder(categorical=("user_id",), dense=()).state_dict()
     assert state["hashing"] == HASHING
