@@ -53,6 +53,18 @@ def land_days(days, cfg: ExfmConfig, spark) -> None:
         quality.run(FM_DATASET, day, cfg, spark)
 
 
+# The suite runs on every core (pytest-xdist, a file per worker: pyproject's addopts); the longest
+# files go first, so each starts on a worker of its own instead of after the short ones.
+LONGEST_FIRST = ("test_faults.py", "test_airflow_e2e.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        return LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture
 def cfg(tmp_path) -> ExfmConfig:
     return tiny_config(tmp_path)

@@ -121,7 +121,7 @@ def worlds(spark, tmp_path_factory):
         w: snapshots.read_meta(_snapshot(a, w))["sha256"] for w in ("snapshot/fm", "snapshot/vm")
     }
     _day_one(b, spark)
-    return SimpleNamespace(a=a, b=b, root=b_root, reference=reference, done=[], matrix=[])
+    return SimpleNamespace(a=a, b=b, root=b_root, reference=reference, done=[], matrix=[], content=None)
 
 
 def _advance(worlds, spark, upto: str | None) -> dict:
@@ -133,7 +133,10 @@ def _advance(worlds, spark, upto: str | None) -> dict:
         if step not in worlds.done:
             _run_step(step, worlds.b, spark)
             worlds.done.append(step)
-    return _content(spark, worlds.b, worlds.root)
+            worlds.content = None
+    if worlds.content is None:  # else: what the last kill (or re-run) left, read then
+        worlds.content = _content(spark, worlds.b, worlds.root)
+    return worlds.content
 
 
 def _killed(worlds, args: list[str], failpoint: str):
@@ -155,7 +158,7 @@ def test_a_killed_writer_leaves_nothing_partial_and_the_rerun_recovers(spark, wo
     landed = "after_commit" if "after_commit" in done.stderr.rsplit("failpoint ", 1)[-1] else when
 
     # Nothing partial is visible: each table holds what it held before the step, or all of it.
-    after = _content(spark, worlds.b, worlds.root)
+    after = worlds.content = _content(spark, worlds.b, worlds.root)
     reference = worlds.reference[step]
     partial = [t for t in after if after[t] not in (before.get(t), reference[t])]
     assert not partial, f"{writer}@{when}: {partial} hold neither the state before {step} nor after it"
@@ -172,7 +175,8 @@ def test_a_killed_writer_leaves_nothing_partial_and_the_rerun_recovers(spark, wo
     if kill == next(k for k in reversed(KILLS) if k[0] == step):  # the step's last kill: re-run it
         _run_step(step, worlds.b, spark)
         worlds.done.append(step)
-        assert _content(spark, worlds.b, worlds.root) == reference, f"{step} re-run after the kills"
+        worlds.content = _content(spark, worlds.b, worlds.root)
+        assert worlds.content == reference, f"{step} re-run after the kills"
         worlds.matrix[-1]["recovered"] = True
 
 
