@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,14 @@ from jobs.config import ExfmConfig
 
 SCALA = "2.13"
 LOG4J2 = Path(__file__).with_name("log4j2.properties")  # the jobs' JVM logging (warnings, short traces)
+CDS_WORKLOAD = Path(__file__).with_name(
+    "cds_workload.py"
+)  # what a driver does while its classes are archived
+DELTA_CONF = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+log = logging.getLogger(__name__)
 
 
 class SparkSetupError(RuntimeError):
@@ -79,20 +88,80 @@ def _driver_builder(cfg: ExfmConfig):
 
     s = cfg.spark
     _require_java()
+    jars = delta_jars(s.jars_dir, s.jars_cache)
+    # The JVM logs at WARN from its first line (setLogLevel comes after the startup INFO lines).
+    java_options = [f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}"]
+    archive = class_archive(jars, s.jars_cache) if s.class_archive else None
+    if archive is not None:
+        java_options.append(f"-XX:SharedArchiveFile={archive}")
+    if s.quick_jit:
+        java_options.append("-XX:TieredStopAtLevel=1")
+    conf = dict(s.conf)
+    java_options.append(conf.pop("spark.driver.extraJavaOptions", ""))  # the user's, added to ours
     builder = (
         SparkSession.builder.master(s.master)
         .appName(s.app_name)
-        .config("spark.jars", ",".join(str(p) for p in delta_jars(s.jars_dir, s.jars_cache)))
-        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.jars", ",".join(str(p) for p in jars))
+        .config("spark.sql.extensions", DELTA_CONF["spark.sql.extensions"])
+        .config("spark.sql.catalog.spark_catalog", DELTA_CONF["spark.sql.catalog.spark_catalog"])
         .config("spark.driver.memory", s.driver_memory)
         .config("spark.ui.showConsoleProgress", "false")
-        # The JVM logs at WARN from its first line (setLogLevel comes after the startup INFO lines).
-        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}")
+        .config("spark.driver.extraJavaOptions", " ".join(java_options).strip())
     )
-    for key, value in {**_session_conf(cfg), **s.conf}.items():
+    for key, value in {**_session_conf(cfg), **conf}.items():
         builder = builder.config(key, value)
     return builder
+
+
+def class_archive(jars: list[Path], jars_cache: str) -> Path | None:
+    """The class-data archive (JDK CDS) of a driver with Delta's ``jars``, dumped on first use.
+
+    One per JVM build, pyspark and jar set, under ``jars_cache``: a driver started with
+    ``-XX:SharedArchiveFile`` maps Spark's and Delta's classes, already parsed and verified,
+    instead of loading them again. A JVM that finds the archive unusable ignores it (CDS's
+    default ``-Xshare:auto``). None, with a warning once, where the JVM cannot dump one.
+    """
+    import hashlib
+
+    version = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
+    java = [line for line in version if not line.startswith(("NOTE:", "Picked up"))]  # not JVM options
+    classpath = sorted(p.name for p in [*_pyspark_jars().glob("*.jar"), *jars])
+    key = hashlib.sha256("\n".join([*java, *classpath]).encode()).hexdigest()[:16]
+    archive = Path(jars_cache).expanduser() / "cds" / f"driver-{key}.jsa"
+    failed = archive.with_suffix(".failed")  # why the dump failed: not tried again
+    if not archive.exists() and not failed.exists():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with open(archive.parent / ".lock", "w") as lock:  # one dump at a time per machine
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not archive.exists() and not failed.exists():
+                try:
+                    _dump_class_archive(archive, jars)
+                except (OSError, subprocess.SubprocessError) as e:
+                    failed.write_text(f"{e}\n{getattr(e, 'stderr', '') or ''}")
+                    log.warning("no class-data archive for the Spark driver (%s): %s", failed, e)
+    return archive if archive.exists() else None
+
+
+def _dump_class_archive(archive: Path, jars: list[Path]) -> None:
+    """Run a short Delta workload in a driver that writes the classes it loaded to ``archive``.
+
+    spark-submit is the JVM's parent here, so the archive is complete when it returns.
+    """
+    partial = archive.with_name(f"{archive.name}.{os.getpid()}.partial")
+    submit = Path(_pyspark_jars().parent, "bin", "spark-submit")
+    with tempfile.TemporaryDirectory(prefix="exfm-cds-") as work:
+        options = [f"-XX:ArchiveClassesAtExit={partial}", f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}"]
+        argv = [str(submit), "--master", "local[1]", "--jars", ",".join(map(str, jars))]
+        for key, value in {**DELTA_CONF, "spark.ui.enabled": "false"}.items():
+            argv += ["--conf", f"{key}={value}"]
+        argv += ["--driver-java-options", " ".join(options), str(CDS_WORKLOAD), str(Path(work, "table"))]
+        python = {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+        subprocess.run(
+            argv, check=True, capture_output=True, text=True, timeout=900, env={**os.environ, **python}
+        )
+    if not partial.exists():
+        raise OSError(f"the JVM wrote no archive at {partial}")
+    partial.rename(archive)
 
 
 def is_connect(spark) -> bool:

@@ -46,3 +46,22 @@ def test_resolved_jars_are_cached_without_spark_bundled_ones(spark):
     names = {spark_setup._artifact(p.name) for p in jars}
     assert any(n.startswith("delta-spark") for n in names) and "delta-storage" in names
     assert "hadoop-client-api" not in names  # pyspark bundles it
+
+
+def test_the_driver_maps_its_class_archive_and_a_failed_dump_is_not_retried(spark, tmp_path, caplog):
+    import re
+    from pathlib import Path
+
+    options = spark.sparkContext.getConf().get("spark.driver.extraJavaOptions")
+    archive = re.search(r"-XX:SharedArchiveFile=(\S+)", options).group(1)
+    assert "-XX:TieredStopAtLevel=1" in options  # TINY's spark.quick_jit
+    pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
+    assert archive in Path(f"/proc/{pid}/maps").read_text()  # the JVM mapped the archive's classes
+
+    missing = [tmp_path / "no-such.jar"]  # spark-submit refuses it: no archive, the driver starts without
+    assert spark_setup.class_archive(missing, str(tmp_path)) is None
+    assert "no class-data archive" in caplog.text
+    failed = list((tmp_path / "cds").glob("*.failed"))
+    assert len(failed) == 1 and failed[0].read_text()
+    caplog.clear()
+    assert spark_setup.class_archive(missing, str(tmp_path)) is None and not caplog.text  # not tried again
