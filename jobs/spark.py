@@ -26,9 +26,8 @@ from jobs.config import ExfmConfig
 
 SCALA = "2.13"
 LOG4J2 = Path(__file__).with_name("log4j2.properties")  # the jobs' JVM logging (warnings, short traces)
-CDS_WORKLOAD = Path(__file__).with_name(
-    "cds_workload.py"
-)  # what a driver does while its classes are archived
+# What a driver does while the classes it loads are archived (``class_archive``).
+CDS_WORKLOAD = Path(__file__).with_name("cds_workload.py")
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",

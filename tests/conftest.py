@@ -19,7 +19,6 @@ TINY = [
     "synthetic.duplicate_rate=0.01",
     "spark.master=local[2]",
     "spark.shuffle_partitions=2",
-    "spark.quick_jit=true",  # tiny days: a driver's time goes to compiling, not running
     # Tiny days: a larger holdout and tolerance keep the blessing of a healthy FM out of the noise.
     "das.blessing.holdout_fraction=0.2",
     "das.blessing.ne_tolerance=0.05",

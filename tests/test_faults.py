@@ -142,7 +142,14 @@ def _advance(worlds, spark, upto: str | None) -> dict:
 def _killed(worlds, args: list[str], failpoint: str):
     day = [] if args[0] == "update-pointer" else ["--ds", D2.isoformat()]
     argv = [sys.executable, "-m", "jobs.cli", *args, *day, "--config", str(REPO / "exfm.yaml")]
-    for item in [*TINY, f"lakehouse_root={worlds.root / 'lakehouse'}", "spark.master=local[1]"]:
+    # A short-lived driver: C1 only (the session's long-lived one keeps the optimising JIT).
+    overrides = [
+        *TINY,
+        f"lakehouse_root={worlds.root / 'lakehouse'}",
+        "spark.master=local[1]",
+        "spark.quick_jit=true",
+    ]
+    for item in overrides:
         argv += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(REPO), "EXFM_FAILPOINT": failpoint}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
