@@ -101,13 +101,11 @@ def _driver_builder(cfg: ExfmConfig):
         SparkSession.builder.master(s.master)
         .appName(s.app_name)
         .config("spark.jars", ",".join(str(p) for p in jars))
-        .config("spark.sql.extensions", DELTA_CONF["spark.sql.extensions"])
-        .config("spark.sql.catalog.spark_catalog", DELTA_CONF["spark.sql.catalog.spark_catalog"])
         .config("spark.driver.memory", s.driver_memory)
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.extraJavaOptions", " ".join(java_options).strip())
     )
-    for key, value in {**_session_conf(cfg), **conf}.items():
+    for key, value in {**DELTA_CONF, **_session_conf(cfg), **conf}.items():
         builder = builder.config(key, value)
     return builder
 
