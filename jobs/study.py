@@ -29,13 +29,43 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jobs.config import ConfigError, ExfmConfig, load_config
-from jobs.lakehouse import FM_DATASET, VM_EVAL, VM_TRAFFIC, VM_TRAINING, table_version
+from jobs.lakehouse import (
+    FM_DATASET,
+    FM_POINTER,
+    FM_SNAPSHOTS,
+    VM_EVAL,
+    VM_SNAPSHOTS,
+    VM_TRAFFIC,
+    VM_TRAINING,
+    render_sql,
+    table_ref,
+    table_version,
+)
 
 log = logging.getLogger(__name__)
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
 STUDY_RESULTS = "study_results"
 Overrides = dict[str, object]
+
+STAGES = ("data", "fm", "das", "vm")
+# The first stage that reads a config section; a key of any other section changes the data.
+_SECTION_STAGE = (("fm.source_vms", "data"), ("fm", "fm"), ("das", "das"), ("vm_training", "vm"))
+# What each stage writes, relative to the run's lakehouse (its gates' dq_results rows are
+# replaced when the stage runs again).
+_STAGE_PATHS = {
+    "fm": (FM_SNAPSHOTS, FM_POINTER, "snapshots/fm"),
+    "das": (VM_TRAINING, f"_staging/{VM_TRAINING}"),
+    "vm": (VM_SNAPSHOTS, "snapshots/vm", VM_EVAL, f"_staging/{VM_EVAL}"),
+}
+
+
+def key_stage(key: str) -> str:
+    """The first stage whose steps read the override ``key``."""
+    for section, stage in _SECTION_STAGE:
+        if key == section or key.startswith(f"{section}."):
+            return stage
+    return "data"
 
 
 class StudySpec(BaseModel):
@@ -59,6 +89,19 @@ class StudySpec(BaseModel):
         if self.judge_from >= self.days:
             raise ValueError(f"judge_from {self.judge_from} leaves no judged day of {self.days}")
         return self
+
+    def base_arm(self, arm: str) -> tuple[str | None, str]:
+        """(the arm whose run this arm's run starts from, the first stage it runs itself).
+
+        The base is the study's first arm; an arm that changes the data is its own base.
+        """
+        base = next(iter(self.arms))
+        mine, theirs = self.arms[arm], self.arms[base]
+        changed = {
+            k for k in mine.keys() | theirs.keys() if k not in mine or k not in theirs or mine[k] != theirs[k]
+        }
+        start = min(map(key_stage, changed), key=STAGES.index, default="vm")
+        return (None, "data") if arm == base or start == "data" else (base, start)
 
     def overrides(self, arm: str, seed: int) -> list[str]:
         """The run's config overrides, as ``--set`` items (values in JSON, which YAML reads)."""
@@ -92,10 +135,14 @@ def run_config(cfg_path: str | None, base: list[str], spec: StudySpec, arm: str,
     return load_config(cfg_path, overrides=[*base, *spec.overrides(arm, seed), *paths])
 
 
-def run_days(cfg: ExfmConfig, spark, days: int, *, fresh_vms: bool = False) -> None:
-    """The daily DAG's steps for each day, in its order (dags/exfm_daily.py), in one process."""
+def run_days(cfg: ExfmConfig, spark, days: int, *, fresh_vms: bool = False, start: str = "data") -> None:
+    """The daily DAG's steps for each day, in its order (dags/exfm_daily.py), in one process.
+
+    ``start`` skips the stages before it: their tables of every day are already there.
+    """
     from jobs import das, evaluate, fm_dataset, generate, ingest, publishing, quality, train_fm, train_vm
 
+    runs = set(STAGES[STAGES.index(start) :])
     seconds: dict[str, float] = {}
 
     def step(name: str, fn, *args, **kwargs):
@@ -107,13 +154,15 @@ def run_days(cfg: ExfmConfig, spark, days: int, *, fresh_vms: bool = False) -> N
     for i in range(days):
         day = cfg.synthetic.start_date + dt.timedelta(days=i)
         seconds.clear()
-        step("generate", generate.run, day, cfg)
-        step("ingest", ingest.run, day, cfg, spark)
-        step("gate_vm_traffic", quality.run, VM_TRAFFIC, day, cfg, spark)
-        step("build_fm_dataset", fm_dataset.run, day, cfg, spark)
-        step("gate_fm_dataset", quality.run, FM_DATASET, day, cfg, spark)
+        if "data" in runs:
+            step("generate", generate.run, day, cfg)
+            step("ingest", ingest.run, day, cfg, spark)
+            step("gate_vm_traffic", quality.run, VM_TRAFFIC, day, cfg, spark)
+            step("build_fm_dataset", fm_dataset.run, day, cfg, spark)
+            step("gate_fm_dataset", quality.run, FM_DATASET, day, cfg, spark)
         if not publishing.in_fm_warmup(day, cfg, spark):
-            if publishing.teacher_for_day(day, cfg, spark) is not None:  # else the VMs cold-start
+            # else the VMs cold-start: no teacher for the day
+            if "das" in runs and publishing.teacher_for_day(day, cfg, spark) is not None:
                 step("das_score", das.run, day, cfg, spark)
                 step("gate_vm_training", quality.run, VM_TRAINING, day, cfg, spark)
             for pair in cfg.vm_method_pairs():
@@ -129,8 +178,9 @@ def run_days(cfg: ExfmConfig, spark, days: int, *, fresh_vms: bool = False) -> N
                 )
         if step("evaluate", evaluate.run, day, cfg, spark)["rows"]:
             step("gate_vm_eval", quality.run, VM_EVAL, day, cfg, spark)
-        step("train_fm", train_fm.run, day, cfg, spark)  # trains and publishes (blessing decides)
-        step("update_pointer", publishing.update_pointer, cfg, spark)
+        if "fm" in runs:
+            step("train_fm", train_fm.run, day, cfg, spark)  # trains and publishes (blessing decides)
+            step("update_pointer", publishing.update_pointer, cfg, spark)
         log.info(
             "study day %s: %.0fs (%s) in %s",
             day,
@@ -140,10 +190,37 @@ def run_days(cfg: ExfmConfig, spark, days: int, *, fresh_vms: bool = False) -> N
         )
 
 
+def _stamp(base: list[str], spec: StudySpec, arm: str, seed: int) -> dict:
+    """What a finished run was run with; a run whose stamp changed runs again."""
+    stamp = {"overrides": [*base, *spec.overrides(arm, seed)], "days": spec.days, "fresh_vms": spec.fresh_vms}
+    source, start = spec.base_arm(arm)
+    if source is not None:  # a copy of the base's earlier stages: the base's stamp is part of it
+        stamp["from"] = {"arm": source, "start": start, "stamp": _stamp(base, spec, source, seed)}
+    return stamp
+
+
+def _copy_base(base_cfg: ExfmConfig, cfg: ExfmConfig, start: str, spark) -> None:
+    """The base run's files and tables, without those of ``start`` and later stages, as this run's.
+
+    Delta tables copy as directories (their logs hold relative paths). The FM snapshots'
+    recorded URIs are moved to this run's copies, so the run does not depend on the base's files.
+    """
+    src, dst = Path(base_cfg.lakehouse_root).parent, Path(cfg.lakehouse_root).parent
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_done.json"))
+    for stage in STAGES[STAGES.index(start) :]:
+        for rel in _STAGE_PATHS.get(stage, ()):
+            shutil.rmtree(Path(cfg.table(rel)), ignore_errors=True)
+    if table_version(spark, cfg, FM_SNAPSHOTS) is not None:
+        spark.sql(
+            render_sql("fm_snapshots_relocate", fm_snapshots=table_ref(cfg, FM_SNAPSHOTS)),
+            args={"old": base_cfg.snapshots, "new": cfg.snapshots},
+        )
+
+
 def _run_one(
     cfg_path: str | None, base: list[str], spec: StudySpec, arm: str, seed: int, threads: int
 ) -> dict:
-    """One (arm, seed) run in this process; skipped if it finished before with the same overrides."""
+    """One (arm, seed) run in this process; skipped if it finished before with the same stamp."""
     import torch
 
     from jobs.spark import build_spark
@@ -153,15 +230,25 @@ def _run_one(
     cfg = run_config(cfg_path, base, spec, arm, seed)
     root = Path(cfg.lakehouse_root).parent
     done = root / "_done.json"
-    stamp = {"overrides": [*base, *spec.overrides(arm, seed)], "days": spec.days, "fresh_vms": spec.fresh_vms}
-    status = {"arm": arm, "seed": seed}
+    stamp = _stamp(base, spec, arm, seed)
+    source, start = spec.base_arm(arm)
+    status = {"arm": arm, "seed": seed, "start": start}
     if done.exists() and json.loads(done.read_text()) == stamp:
         return {**status, "ran": False}
     shutil.rmtree(root, ignore_errors=True)  # a changed or interrupted run starts over
     torch.set_num_threads(threads)
-    log.info("study %s: run %s/seed=%s starts in %s", spec.name, arm, seed, root)
+    spark = build_spark(cfg)
     t0 = time.perf_counter()
-    run_days(cfg, build_spark(cfg), spec.days, fresh_vms=spec.fresh_vms)
+    if source is not None:
+        base_cfg = run_config(cfg_path, base, spec, source, seed)
+        base_done = Path(base_cfg.lakehouse_root).parent / "_done.json"
+        if not base_done.exists() or json.loads(base_done.read_text()) != stamp["from"]["stamp"]:
+            raise RuntimeError(
+                f"study {spec.name}: run {source}/seed={seed} must finish before {arm}/seed={seed}"
+            )
+        _copy_base(base_cfg, cfg, start, spark)
+    log.info("study %s: run %s/seed=%s starts at stage %s in %s", spec.name, arm, seed, start, root)
+    run_days(cfg, spark, spec.days, fresh_vms=spec.fresh_vms, start=start)
     done.write_text(json.dumps(stamp))
     return {**status, "ran": True, "seconds": round(time.perf_counter() - t0)}
 
@@ -183,15 +270,20 @@ def run(
     if workers == 1:
         statuses = [_run_one(cfg_path, base_run, spec, arm, seed, threads) for arm, seed in runs]
     else:
+        # Two waves: the runs that start from another run's copy wait for the first wave.
+        waves = [[r for r in runs if (spec.base_arm(r[0])[0] is None) == first] for first in (True, False)]
+        statuses = []
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, cfg_path, base_run, spec, a, s, threads) for a, s in runs]
-            statuses = [f.result() for f in futures]
+            for wave in waves:
+                futures = [pool.submit(_run_one, cfg_path, base_run, spec, a, s, threads) for a, s in wave]
+                statuses += [f.result() for f in futures]
     for st in statuses:
         log.info(
-            "study %s run %s/seed=%s: %s",
+            "study %s run %s/seed=%s (from stage %s): %s",
             spec.name,
             st["arm"],
             st["seed"],
+            st["start"],
             f"{st['seconds']}s" if st["ran"] else "done before",
         )
     cfg = load_config(cfg_path, overrides=base)
