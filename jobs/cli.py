@@ -219,7 +219,7 @@ def _gains(cfg: ExfmConfig, day: dt.date) -> str:
     from jobs.spark import build_spark
 
     spark = build_spark(cfg)
-    if table_version(spark, cfg, VM_EVAL) is None:
+    if table_version(cfg, VM_EVAL) is None:
         return "NE gain vs none: -"
     gains: dict[str, list[float]] = {}
     for (_, method), gain in report.ne_gains(

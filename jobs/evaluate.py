@@ -62,7 +62,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     day = parse_ds(ds)
     model_day = day - dt.timedelta(days=1)
     vm_snaps, started = {}, set()
-    if table_version(spark, cfg, VM_SNAPSHOTS) is not None:  # small: one row per trained day
+    if table_version(cfg, VM_SNAPSHOTS) is not None:  # small: one row per trained day
         table = spark.read.format("delta").load(cfg.table(VM_SNAPSHOTS))
         for r in table.where(F.col("ds") <= model_day.isoformat()).collect():
             started.add((r.vm, r.method))
@@ -140,7 +140,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         (m,) = score_snapshots([fm.uri], day, None, cfg, spark)
         add(ALL_VMS, FM_MERGED, None, fm.uri, m, fm.snapshot_id, fm.trained_through_ds, None)
 
-    if rows or table_version(spark, cfg, quality.staging_table(VM_EVAL)) is not None:
+    if rows or table_version(cfg, quality.staging_table(VM_EVAL)) is not None:
         # Staged for the vm_eval gate, which publishes it; a re-run replaces the day, also to empty.
         quality.stage(spark.createDataFrame(rows, SCHEMA), cfg, VM_EVAL, day)
     return {

@@ -34,7 +34,7 @@ def requests(cfg: ExfmConfig, spark, day: dt.date, *, every_vm: bool = False):
     The requests of the FM's source VMs (``fm.source_vms``), or of ``every_vm`` for the DAS,
     which scores every VM's rows with what the FM knows.
     """
-    if table_version(spark, cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
+    if table_version(cfg, VM_TRAFFIC) is None or read_day(spark, cfg, VM_TRAFFIC, day).isEmpty():
         raise ValueError(
             f"vm_traffic has no rows for ds={day}: run `exfm ingest --ds {day}` and "
             f"`exfm validate --table vm_traffic --ds {day}` first"
@@ -71,5 +71,5 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         "ds": day.isoformat(),
         "rows": stats["rows"],
         "shared_requests": stats["shared"],
-        "staged_version": table_version(spark, cfg, quality.staging_table(FM_DATASET)),
+        "staged_version": table_version(cfg, quality.staging_table(FM_DATASET)),
     }

@@ -72,7 +72,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
 
 def eval_rows(cfg: ExfmConfig, spark) -> list[dict]:
     """vm_eval as dicts (small: VMs x methods rows a day)."""
-    if table_version(spark, cfg, VM_EVAL) is None:
+    if table_version(cfg, VM_EVAL) is None:
         return []
     cols = ("ds", "vm", "method", "ne", "fm_staleness_days")
     return [r.asDict() for r in spark.read.format("delta").load(cfg.table(VM_EVAL)).select(*cols).collect()]

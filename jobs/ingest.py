@@ -67,7 +67,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
         "duplicates_dropped": {vm: stats[vm] - written.get(vm, (0, 0))[0] for vm in stats},
         "conflicting_labels": conflicts,
         "ctr": {vm: (c or 0) / n for vm, (n, c) in written.items() if n},
-        "staged_version": table_version(spark, cfg, quality.staging_table(VM_TRAFFIC)),
+        "staged_version": table_version(cfg, quality.staging_table(VM_TRAFFIC)),
     }
 
 

@@ -116,7 +116,7 @@ def staging(ds, cfg: ExfmConfig, spark, *, dry_run: bool = False) -> dict:
     removed = {}
     for table in DAY_TABLES:
         staged = staging_table(table)
-        if not is_delta(cfg.table(staged)) or table_version(spark, cfg, table) is None:
+        if not is_delta(cfg.table(staged)) or table_version(cfg, table) is None:
             continue
         old = sorted(d for d in _days(spark, cfg, staged) & _days(spark, cfg, table) if d < cutoff)
         if old and not dry_run:  # one DELETE commit; the next VACUUM past the retention frees the files
@@ -144,7 +144,7 @@ def scratch(ds, cfg: ExfmConfig, spark=None, *, dry_run: bool = False) -> dict:
 
 def fm_snapshots(ds, cfg: ExfmConfig, spark, *, dry_run: bool = False) -> dict:
     """The FM's snapshot GC (``publishing.gc_snapshots``), with the bytes of what it deletes."""
-    if table_version(spark, cfg, FM_SNAPSHOTS) is None:
+    if table_version(cfg, FM_SNAPSHOTS) is None:
         return {"collected": [], "bytes": 0}
     return publishing.gc_snapshots(cfg, spark, dry_run=dry_run)
 
@@ -154,7 +154,7 @@ def vm_snapshots(ds, cfg: ExfmConfig, spark, *, dry_run: bool = False) -> dict:
     m = cfg.maintenance
     cutoff = (parse_ds(ds) - dt.timedelta(days=m.snapshot_days)).isoformat()
     rows = []
-    if table_version(spark, cfg, VM_SNAPSHOTS) is not None:
+    if table_version(cfg, VM_SNAPSHOTS) is not None:
         rows = (
             spark.read.format("delta")
             .load(cfg.table(VM_SNAPSHOTS))

@@ -17,6 +17,7 @@ parameters, so the stored suite is the same for every day and days can be valida
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -113,7 +114,7 @@ def run(table: str, ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     """The gate of ``table`` for day ds: validate the staged day, then publish it or quarantine it."""
     gate, day = _gate(table), parse_ds(ds)
     t0 = time.perf_counter()
-    if table_version(spark, cfg, staging_table(table)) is None:
+    if table_version(cfg, staging_table(table)) is None:
         if gate.may_be_empty:
             log.info("dq %s ds=%s suite=%s: nothing staged, nothing to publish", table, day, gate.suite)
             return {"ds": day.isoformat(), "table": table, "suite": gate.suite, "success": True, "rows": 0}
@@ -171,7 +172,7 @@ def _publish(table: str, gate: Gate, staged, day: dt.date, cfg: ExfmConfig, spar
     training reads them directly (``lakehouse.arrow_day``) instead of sorting the day again.
     """
     replace_partition(staged, cfg, table, list(gate.partition_by), order=gate.order, ds=day)
-    return {"operation": "replaceWhere", "version": table_version(spark, cfg, table)}
+    return {"operation": "replaceWhere", "version": table_version(cfg, table)}
 
 
 def _quarantine(staged, cfg: ExfmConfig, table: str, day: dt.date) -> str:
@@ -190,7 +191,7 @@ def _record(record: dict, cfg: ExfmConfig, spark) -> None:
         "validated_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
     }
     ref = table_ref(cfg, DQ_RESULTS)
-    if table_version(spark, cfg, DQ_RESULTS) is None:
+    if table_version(cfg, DQ_RESULTS) is None:
         spark.sql(render_sql("dq_results_create", dq_results=ref))
     source = spark.createDataFrame([row], spark.read.format("delta").load(cfg.table(DQ_RESULTS)).schema)
     # Gates of other tables of the same day (parallel DAG tasks) write the same ds partition.
@@ -248,6 +249,7 @@ def _validate(suite_name: str, df, params: dict, cfg: ExfmConfig, run_name: str)
     """Run the suite on the DataFrame through a Checkpoint that updates the Data Docs."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.exceptions import DataContextError
 
     ctx = _context(cfg)
     try:
@@ -263,18 +265,37 @@ def _validate(suite_name: str, df, params: dict, cfg: ExfmConfig, run_name: str)
         batch = asset.get_batch_definition("day")
     except KeyError:
         batch = asset.add_batch_definition_whole_dataframe("day")
-    suite = ctx.suites.add_or_update(gx.ExpectationSuite(suite_name, expectations=SUITES[suite_name](cfg)))
-    definition = ctx.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
-    )
-    checkpoint = ctx.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=suite_name,
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-            result_format={"result_format": "BASIC", "partial_unexpected_count": 5},
+    expectations = SUITES[suite_name](cfg)
+    result_format = {"result_format": "BASIC", "partial_unexpected_count": 5}
+    # Storing a suite compares every expectation with every stored one (~0.5 s for 60, and a
+    # checkpoint stores its suite again): store it only when the suite or checkpoint changed.
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [[e.configuration.to_json_dict() for e in expectations], result_format, DOCS_SITE],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
+    try:
+        checkpoint = ctx.checkpoints.get(suite_name)
+        stored = checkpoint.validation_definitions[0].suite.meta.get("exfm_fingerprint")
+    except DataContextError:
+        stored = None
+    if stored != fingerprint:
+        suite = ctx.suites.add_or_update(
+            gx.ExpectationSuite(suite_name, expectations=expectations, meta={"exfm_fingerprint": fingerprint})
         )
-    )
+        definition = ctx.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
+        )
+        checkpoint = ctx.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=suite_name,
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+                result_format=result_format,
+            )
+        )
     result = checkpoint.run(
         batch_parameters={"dataframe": df},
         expectation_parameters=params,
@@ -533,7 +554,7 @@ def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
         traffic = read_day(spark, cfg, VM_TRAFFIC, day)
         stats = traffic.agg(F.count("*").alias("rows"), F.avg(F.coalesce(*cfg.labels)).alias("ctr")).first()
         eligible = []
-        if table_version(spark, cfg, FM_SNAPSHOTS) is not None:
+        if table_version(cfg, FM_SNAPSHOTS) is not None:
             snaps = spark.read.format("delta").load(cfg.table(FM_SNAPSHOTS))
             eligible = [
                 r.snapshot_id
@@ -570,7 +591,7 @@ def _trailing_traffic(day: dt.date, cfg: ExfmConfig, spark):
     """The published vm_traffic of the ``quality.trailing_days`` before ds, or None before any."""
     from pyspark.sql import functions as F
 
-    if table_version(spark, cfg, VM_TRAFFIC) is None:
+    if table_version(cfg, VM_TRAFFIC) is None:
         return None
     start = day - dt.timedelta(days=cfg.quality.trailing_days)
     return (
@@ -605,7 +626,7 @@ def _continuity_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
     bands = {}
     for _, _, name in _continuity_scopes(cfg):
         bands[f"min_seen_{name}"], bands[f"max_seen_{name}"] = floor, 1.0
-    if not history or table_version(spark, cfg, DQ_RESULTS) is None:
+    if not history or table_version(cfg, DQ_RESULTS) is None:
         return bands
     observed = [
         json.loads(r["observed"])

@@ -43,11 +43,11 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
 
     day = parse_ds(ds)
     evals = []
-    if table_version(spark, cfg, VM_EVAL) is not None:  # small: (VMs x methods) rows per day
+    if table_version(cfg, VM_EVAL) is not None:  # small: (VMs x methods) rows per day
         df = spark.read.format("delta").load(cfg.table(VM_EVAL)).where(F.col("ds") <= day.isoformat())
         evals = [r.asDict() for r in df.orderBy("ds", "vm", "method").collect()]
     dq = []
-    if table_version(spark, cfg, DQ_RESULTS) is not None:
+    if table_version(cfg, DQ_RESULTS) is not None:
         dq = [r.asDict() for r in spark.read.format("delta").load(cfg.table(DQ_RESULTS)).collect()]
         dq = sorted((r for r in dq if str(r.get("ds")) == day.isoformat()), key=lambda r: str(r.get("table")))
     snaps = publishing.list_snapshots(cfg, spark)

@@ -210,7 +210,7 @@ def _copy_base(base_cfg: ExfmConfig, cfg: ExfmConfig, start: str, spark) -> None
     for stage in STAGES[STAGES.index(start) :]:
         for rel in _STAGE_PATHS.get(stage, ()):
             shutil.rmtree(Path(cfg.table(rel)), ignore_errors=True)
-    if table_version(spark, cfg, FM_SNAPSHOTS) is not None:
+    if table_version(cfg, FM_SNAPSHOTS) is not None:
         spark.sql(
             render_sql("fm_snapshots_relocate", fm_snapshots=table_ref(cfg, FM_SNAPSHOTS)),
             args={"old": base_cfg.snapshots, "new": cfg.snapshots},
@@ -311,7 +311,7 @@ def gather(spec: StudySpec, cfg: ExfmConfig, cfg_path: str | None, base: list[st
     for seed in spec.seeds:
         for arm in spec.arms:
             run_cfg = run_config(cfg_path, base, spec, arm, seed)
-            if table_version(spark, run_cfg, VM_EVAL) is None:
+            if table_version(run_cfg, VM_EVAL) is None:
                 continue
             first = (run_cfg.synthetic.start_date + dt.timedelta(days=spec.judge_from)).isoformat()
             evals = spark.read.format("delta").load(run_cfg.table(VM_EVAL)).where(F.col("ds") >= first)

@@ -13,6 +13,7 @@ Also a static check of docker/docker-compose.yaml (no Docker engine needed).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -169,11 +170,15 @@ def _tables(spark, cfg) -> dict:
 
 
 def _durations(tis: list[dict]) -> str:
-    """Seconds per task and day, for the test log: where an Airflow day's time goes."""
+    """Seconds per task and day, and from the first start to the last end: where the time goes."""
     rows = sorted(
         (ti["logical_date"][:10], ti["start_date"] or "", ti["task_id"], ti["duration"] or 0) for ti in tis
     )
-    return "\n".join(f"{ds} {task:<18} {seconds:6.1f}s" for ds, _, task, seconds in rows)
+    ran = [ti for ti in tis if ti["start_date"] and ti["end_date"]]
+    stamps = [dt.datetime.fromisoformat(ti[k]) for ti in ran for k in ("start_date", "end_date")]
+    wall = (max(stamps) - min(stamps)).total_seconds() if stamps else 0.0
+    lines = [f"{ds} {task:<18} {seconds:6.1f}s" for ds, _, task, seconds in rows]
+    return "\n".join([*lines, f"{sum(r[3] for r in rows):.0f} task-seconds in {wall:.0f} s"])
 
 
 @pytest.mark.e2e

@@ -136,7 +136,7 @@ def test_lineage_names_the_rows_a_vm_and_its_teacher_trained_on(spark, world):
     before = checksum(rows(seen))
     das.run(day, cfg, spark)
     quality.run(VM_TRAINING, day, cfg, spark)
-    assert table_version(spark, cfg, VM_TRAINING) > seen["version"]
+    assert table_version(cfg, VM_TRAINING) > seen["version"]
     assert checksum(rows(seen)) == before
     printed = _cli(root, "lineage", "--vm", "feed", "--method", "ah", "--ds", str(day))
     assert printed.returncode == 0, printed.stderr[-3000:]

@@ -77,7 +77,7 @@ def _files(root: Path) -> dict[str, int]:
 
 def _tables(spark, cfg) -> dict:
     return {
-        t: (table_version(spark, cfg, t), checksum(spark.read.format("delta").load(cfg.table(t))))
+        t: (table_version(cfg, t), checksum(spark.read.format("delta").load(cfg.table(t))))
         for t in maintenance.tables(cfg)
     }
 

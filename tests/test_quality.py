@@ -132,7 +132,7 @@ def _pipeline(day, cfg, spark, start: str) -> tuple[str | None, str]:
 def _state(spark, cfg) -> dict:
     """Version and data files of every published table: equal iff nothing was committed."""
     return {
-        t: (table_version(spark, cfg, t), sorted(spark.read.format("delta").load(cfg.table(t)).inputFiles()))
+        t: (table_version(cfg, t), sorted(spark.read.format("delta").load(cfg.table(t)).inputFiles()))
         for t in TABLES
     }
 
@@ -490,7 +490,7 @@ def test_vm_eval_gate(spark, world):
     good = [(str(D2), "feed", m, 600, 0.95, 0.71, 0.18, 1.02) for m in ("none", "ah_sa")]
     quality.stage(spark.createDataFrame(good, EVAL_SCHEMA), cfg, VM_EVAL, D2)
     assert quality.run(VM_EVAL, D2, cfg, spark)["success"]
-    version = table_version(spark, cfg, VM_EVAL)
+    version = table_version(cfg, VM_EVAL)
 
     bad = [
         (str(D2), "feed", "none", 600, -0.1, 0.71, 0.18, 1.02),
@@ -506,5 +506,5 @@ def test_vm_eval_gate(spark, world):
         "table vm_eval, column logloss",
     ):
         assert fragment in message, message
-    assert table_version(spark, cfg, VM_EVAL) == version
+    assert table_version(cfg, VM_EVAL) == version
     assert sorted(r.ne for r in read_day(spark, cfg, VM_EVAL, D2).collect()) == [0.95, 0.95]
