@@ -108,6 +108,20 @@ def test_revalidation_is_idempotent(spark, world):
     assert len(_dq_rows(spark, cfg)) == len(world.gates)
 
 
+def test_a_gate_stores_its_suite_only_when_the_suite_changed(spark, world):
+    """A re-validation with the same suite leaves the GX project's copy alone (storing it costs
+    ~0.5 s per store); another suite (a wider range of a dense feature) is stored and used."""
+    cfg = world.cfg
+    stored = Path(cfg.gx_root) / "gx" / "expectations" / "vm_traffic.json"
+    before = stored.stat().st_mtime_ns
+    assert quality.run(VM_TRAFFIC, D1, cfg, spark)["success"]
+    assert stored.stat().st_mtime_ns == before
+    ranges = {**cfg.quality.dense_ranges, "position": (-1.0, 123.5)}
+    wider = cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"dense_ranges": ranges})})
+    assert quality.run(VM_TRAFFIC, D1, wider, spark)["success"]
+    assert stored.stat().st_mtime_ns != before and "123.5" in stored.read_text()
+
+
 # --- the corpus of bad inputs ---------------------------------------------------------------
 STEPS = ("ingest", "validate vm_traffic", "build-fm-dataset", "validate fm_dataset", "das-score")
 STEPS += ("validate vm_training",)
