@@ -161,9 +161,9 @@ def day_files(
     spark, cfg: ExfmConfig, table: str, ds: dt.date, *, vm: str | None = None, ordered: bool = True
 ):
     """List one day's files (one Delta metadata query) for ``arrow_day`` and ``day_values``."""
-    if not is_delta(cfg.table(table)):
-        return DayFiles([])
     version = table_version(cfg, table)
+    if version is None:
+        return DayFiles([])
     df = _day(spark, cfg, table, ds, vm, version)
     return DayFiles(_direct_files(spark, cfg, table, df, ordered), _arrow_schema(df.schema), version)
 
