@@ -1,0 +1,59 @@
+"""CPU of one Spark driver landing tiny worlds: where the suite's (CPU-bound) time goes.
+
+    ./exfm python benchmarks/driver_cpu.py [--worlds 3] [--set spark.quick_jit=true ...]
+
+Builds one local driver (the tests' tiny config plus the overrides), then lands ``--worlds``
+worlds of two tiny days each in it (generate, ingest, gate, FM dataset, gate: the tests'
+``land_days``), and prints the CPU seconds of this process and its children (the driver's JVM and
+its Python workers) per world: the first world pays the JVM's warm-up, the later ones show a warm
+driver. Compare settings by running it once per setting, with nothing else running.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import land_days, tiny_config  # noqa: E402
+
+DAYS = ["2026-01-01", "2026-01-02"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worlds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    me, seen = psutil.Process(), {}
+
+    def cpu() -> float:  # processes that ended keep the last CPU seen of them
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                seen[p.pid] = t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return sum(seen.values())
+
+    from jobs.spark import build_spark
+
+    root = Path(tempfile.mkdtemp(prefix="exfm-driver-cpu-"))
+    t0 = time.monotonic()
+    spark = build_spark(tiny_config(root, *args.overrides))
+    start = {"wall_s": round(time.monotonic() - t0, 1), "cpu_s": round(cpu(), 1)}
+    out = {"overrides": args.overrides, "start": start, "worlds": []}
+    for w in range(args.worlds):
+        t, c = time.monotonic(), cpu()
+        land_days(DAYS, tiny_config(root / f"world{w}", *args.overrides), spark)
+        out["worlds"].append({"wall_s": round(time.monotonic() - t, 1), "cpu_s": round(cpu() - c, 1)})
+    print(json.dumps(out))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
