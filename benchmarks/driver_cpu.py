@@ -11,12 +11,11 @@ driver. Compare settings by running it once per setting, with nothing else runni
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import land_days, tiny_config  # noqa: E402
@@ -29,15 +28,23 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
-    me, seen = psutil.Process(), {}
+    seen: dict[int, float] = {}
 
-    def cpu() -> float:  # processes that ended keep the last CPU seen of them
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                seen[p.pid] = t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                pass
+    def cpu() -> float:
+        """CPU seconds of this process and its descendants (from /proc, Linux); a process that
+        ended keeps the last CPU seen of it."""
+        stats = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:  # after the ")" of the command: state, ppid, ..., utime stime cutime cstime (13-16)
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(stat.parent.name)] = int(fields[1]), sum(map(int, fields[11:15]))
+        family = {os.getpid()}
+        while grown := {pid for pid, (ppid, _) in stats.items() if ppid in family} - family:
+            family |= grown
+        for pid in family:
+            seen[pid] = stats[pid][1] / os.sysconf("SC_CLK_TCK")
         return sum(seen.values())
 
     from jobs.spark import build_spark
