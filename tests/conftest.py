@@ -24,6 +24,11 @@ TINY = [
     "das.blessing.ne_tolerance=0.05",
 ]
 
+# A driver that lives for one step in a process of its own (a CLI command) takes C1 only, whose
+# quick compiles pay off before the optimising tier's would; a demo of two tiny days already pays
+# for the optimising tier (README, "A driver's start"), the session's driver too.
+SHORT_LIVED = ["spark.quick_jit=true"]
+
 
 def tiny_config(root: Path, *overrides: str) -> ExfmConfig:
     """The default registry with tiny synthetic data, everything under ``root``."""

@@ -297,8 +297,7 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
     # The same days one by one (the README's demo: dag.test() per day) give the same tables.
     day_by_day = _write_config(tmp_path / "day_by_day")
     done = subprocess.run(
-        [str(REPO / "exfm"), "demo", "--config", str(day_by_day), "--start", DAYS[0], "--days", "3"]
-        + ["--set", "spark.quick_jit=true"],  # a driver of three tiny days: the JIT's first tier only
+        [str(REPO / "exfm"), "demo", "--config", str(day_by_day), "--start", DAYS[0], "--days", "3"],
         env={**env, "AIRFLOW_HOME": str(tmp_path / "day_by_day" / "airflow")},
         capture_output=True,
         text=True,

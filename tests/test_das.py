@@ -20,7 +20,7 @@ from jobs import das, freshness, ingest, publishing, quality, report, snapshots,
 from jobs.config import ENV_PREFIX
 from jobs.lakehouse import FM_DATASET, FM_POINTER, VM_TRAFFIC, VM_TRAINING, read_day
 from models.data import FeatureEncoder
-from tests.conftest import REPO, TINY, land_days, tiny_config
+from tests.conftest import REPO, SHORT_LIVED, TINY, land_days, tiny_config
 from tests.test_dags import airflow_env
 from tests.test_ingest import checksum
 
@@ -47,6 +47,7 @@ def _cli(root, *args, env_extra=None):
     for item in [
         *TINY,
         *TASKS,
+        *SHORT_LIVED,
         f"lakehouse_root={root / 'lakehouse'}",
         "spark.master=local[1]",
     ]:
@@ -206,7 +207,7 @@ def test_staleness_alarm_fires_on_a_stale_teacher_only(spark, world):
         **airflow_env(root),
         **{
             ENV_PREFIX + k.upper().replace(".", "__"): v
-            for k, v in (i.split("=", 1) for i in (*TINY, *TASKS))
+            for k, v in (i.split("=", 1) for i in (*TINY, *TASKS, *SHORT_LIVED))
         },
         "EXFM__LAKEHOUSE_ROOT": str(root / "lakehouse"),
         "EXFM__SPARK__MASTER": "local[1]",

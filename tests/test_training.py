@@ -15,7 +15,7 @@ import torch
 from jobs import das, evaluate, lakehouse, quality, snapshots, train_fm, train_vm
 from jobs.lakehouse import FM_DATASET, VM_SNAPSHOTS, VM_TRAINING, read_day, replace_partition
 from jobs.training import Progress, day_batches, day_ctr
-from tests.conftest import REPO, TINY, land_days, tiny_config
+from tests.conftest import REPO, SHORT_LIVED, TINY, land_days, tiny_config
 
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
 QUALITY = [
@@ -84,7 +84,13 @@ def test_resume_in_three_processes_equals_one_continuous_run(spark, world, tmp_p
 
     # Three processes, each continuing from the previous day's snapshot.
     args = ["--config", str(REPO / "exfm.yaml")]
-    for item in [*TINY, *QUALITY, f"lakehouse_root={root / 'lakehouse'}", f"snapshots_root={tmp_path}"]:
+    for item in [
+        *TINY,
+        *QUALITY,
+        *SHORT_LIVED,
+        f"lakehouse_root={root / 'lakehouse'}",
+        f"snapshots_root={tmp_path}",
+    ]:
         args += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for day in DAYS[:3]:
