@@ -199,22 +199,29 @@ def _stamp(base: list[str], spec: StudySpec, arm: str, seed: int) -> dict:
     return stamp
 
 
-def _copy_base(base_cfg: ExfmConfig, cfg: ExfmConfig, start: str, spark) -> None:
-    """The base run's files and tables, without those of ``start`` and later stages, as this run's.
+def copy_run(base_cfg: ExfmConfig, cfg: ExfmConfig, spark, without: tuple[str, ...] = ()) -> None:
+    """The base run's files and tables as this run's, without the paths ``without`` (relative to
+    its lakehouse).
 
-    Delta tables copy as directories (their logs hold relative paths). The FM snapshots'
-    recorded URIs are moved to this run's copies, so the run does not depend on the base's files.
+    Delta tables copy as directories (their logs hold relative paths). The snapshots' recorded
+    URIs are moved to this run's copies, so the run does not depend on the base's files.
     """
     src, dst = Path(base_cfg.lakehouse_root).parent, Path(cfg.lakehouse_root).parent
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_done.json"))
-    for stage in STAGES[STAGES.index(start) :]:
-        for rel in _STAGE_PATHS.get(stage, ()):
-            shutil.rmtree(Path(cfg.table(rel)), ignore_errors=True)
-    if table_version(cfg, FM_SNAPSHOTS) is not None:
-        spark.sql(
-            render_sql("fm_snapshots_relocate", fm_snapshots=table_ref(cfg, FM_SNAPSHOTS)),
-            args={"old": base_cfg.snapshots, "new": cfg.snapshots},
-        )
+    for rel in without:
+        shutil.rmtree(Path(cfg.table(rel)), ignore_errors=True)
+    for table in (FM_SNAPSHOTS, VM_SNAPSHOTS):
+        if table_version(cfg, table) is not None:
+            spark.sql(
+                render_sql("snapshots_relocate", snapshots=table_ref(cfg, table)),
+                args={"old": base_cfg.snapshots, "new": cfg.snapshots},
+            )
+
+
+def _copy_base(base_cfg: ExfmConfig, cfg: ExfmConfig, start: str, spark) -> None:
+    """The base run's files and tables, without those of ``start`` and later stages, as this run's."""
+    later = STAGES[STAGES.index(start) :]
+    copy_run(base_cfg, cfg, spark, without=tuple(p for stage in later for p in _STAGE_PATHS.get(stage, ())))
 
 
 def _run_one(

@@ -1,7 +1,8 @@
 """The fault matrix: every writer of a day killed (SIGKILL) at each of its failpoints, then re-run.
 
-Two worlds of the same tiny synthetic days: in world A day 2 runs undisturbed, step by step, and
-the content of every table after each step is the reference. In world B each step of day 2 is
+Two worlds of the same tiny synthetic days: world A runs day 1, world B starts as a copy of it
+(`study.copy_run`). In world A day 2 runs undisturbed, step by step, and the content of every
+table after each step is the reference. In world B each step of day 2 is
 first run as a real `exfm` process killed at a failpoint (jobs/faults.py: before any file, after
 its files and before the commit, after the commit), once per point; after each kill every table
 holds either what it held before the step or exactly the reference after it (nothing partial is
@@ -32,11 +33,12 @@ from jobs import (
     publishing,
     quality,
     snapshots,
+    study,
     train_fm,
     train_vm,
 )
 from jobs.lakehouse import FM_DATASET, VM_EVAL, VM_TRAFFIC, VM_TRAINING
-from tests.conftest import REPO, TINY, land_days, tiny_config
+from tests.conftest import REPO, SHORT_LIVED, TINY, land_days, tiny_config
 from tests.test_ingest import checksum
 
 D1, D2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
@@ -123,9 +125,10 @@ def _snapshot(cfg, writer: str) -> str:
 
 @pytest.fixture(scope="module")
 def worlds(spark, tmp_path_factory):
-    a_root, b_root = tmp_path_factory.mktemp("undisturbed"), tmp_path_factory.mktemp("killed")
+    a_root, b_root = tmp_path_factory.mktemp("undisturbed"), tmp_path_factory.mktemp("killed") / "world"
     a, b = tiny_config(a_root), tiny_config(b_root)
     _day_one(a, spark)
+    study.copy_run(a, b, spark)  # world B: a copy of A's day one, its snapshots' URIs at its own files
     reference, seen_a = {}, {}
     for step, _, _ in STEPS:
         _run_step(step, a, spark)
@@ -133,7 +136,6 @@ def worlds(spark, tmp_path_factory):
     reference["snapshots"] = {
         w: snapshots.read_meta(_snapshot(a, w))["sha256"] for w in ("snapshot/fm", "snapshot/vm")
     }
-    _day_one(b, spark)
     return SimpleNamespace(
         a=a, b=b, root=b_root, reference=reference, done=[], matrix=[], content=None, seen={}
     )
@@ -175,13 +177,7 @@ def _exfm(argv: list[str], failpoint: str, log: str) -> None:
 def _killed(worlds, args: list[str], failpoint: str) -> SimpleNamespace:
     day = [] if args[0] == "update-pointer" else ["--ds", D2.isoformat()]
     argv = [*args, *day, "--config", str(REPO / "exfm.yaml")]
-    # A short-lived driver: C1 only (the session's long-lived one keeps the optimising JIT).
-    overrides = [
-        *TINY,
-        f"lakehouse_root={worlds.root / 'lakehouse'}",
-        "spark.master=local[1]",
-        "spark.quick_jit=true",
-    ]
+    overrides = [*TINY, *SHORT_LIVED, f"lakehouse_root={worlds.root / 'lakehouse'}", "spark.master=local[1]"]
     for item in overrides:
         argv += ["--set", item]
     log = worlds.root / f"{failpoint.replace('/', '_')}.log"
