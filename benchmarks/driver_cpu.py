@@ -6,7 +6,8 @@ Builds one local driver (the tests' tiny config plus the overrides), then lands 
 worlds of two tiny days each in it (generate, ingest, gate, FM dataset, gate: the tests'
 ``land_days``), and prints the CPU seconds of this process and its children (the driver's JVM and
 its Python workers) per world: the first world pays the JVM's warm-up, the later ones show a warm
-driver. Compare settings by running it once per setting, with nothing else running.
+driver, whose CPU per step and day is printed too (``warm_cpu_s_per_day``). Compare settings
+(or commits) by running it once per setting, with nothing else running.
 """
 
 import argparse
@@ -47,7 +48,29 @@ def main() -> None:
             seen[pid] = stats[pid][1] / os.sysconf("SC_CLK_TCK")
         return sum(seen.values())
 
+    from jobs import fm_dataset, generate, ingest, quality
     from jobs.spark import build_spark
+
+    # CPU per step of land_days, summed over the warm worlds (every world after the first).
+    steps: dict[str, float] = {}
+    warm = False
+
+    def counted(name_of, fn):
+        def step(*a, **kw):
+            c = cpu()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if warm:
+                    name = name_of(*a)
+                    steps[name] = steps.get(name, 0.0) + cpu() - c
+
+        return step
+
+    generate.run = counted(lambda *a: "generate", generate.run)
+    ingest.run = counted(lambda *a: "ingest", ingest.run)
+    quality.run = counted(lambda table, *a: f"gate {table}", quality.run)
+    fm_dataset.run = counted(lambda *a: "fm_dataset", fm_dataset.run)
 
     root = Path(tempfile.mkdtemp(prefix="exfm-driver-cpu-"))
     t0 = time.monotonic()
@@ -55,9 +78,12 @@ def main() -> None:
     start = {"wall_s": round(time.monotonic() - t0, 1), "cpu_s": round(cpu(), 1)}
     out = {"overrides": args.overrides, "start": start, "worlds": []}
     for w in range(args.worlds):
+        warm = w > 0
         t, c = time.monotonic(), cpu()
         land_days(DAYS, tiny_config(root / f"world{w}", *args.overrides), spark)
         out["worlds"].append({"wall_s": round(time.monotonic() - t, 1), "cpu_s": round(cpu() - c, 1)})
+    days = (args.worlds - 1) * len(DAYS)
+    out["warm_cpu_s_per_day"] = {k: round(v / days, 2) for k, v in steps.items()} if days else {}
     print(json.dumps(out))
     spark.stop()
 
