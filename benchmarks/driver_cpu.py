@@ -1,6 +1,7 @@
 """CPU of one Spark driver landing tiny worlds: where the suite's (CPU-bound) time goes.
 
     ./exfm python benchmarks/driver_cpu.py [--worlds 3] [--set spark.quick_jit=true ...]
+    ./exfm python benchmarks/driver_cpu.py --worlds 5 --set 'spark.java_options=[]'  # the JVM's defaults
 
 Builds one local driver (the tests' tiny config plus the overrides), then lands ``--worlds``
 worlds of two tiny days each in it (generate, ingest, gate, FM dataset, gate: the tests'

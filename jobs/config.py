@@ -99,6 +99,18 @@ class SparkSettings(_Frozen):
     # Only the JIT's first tier (C1): a short driver on small days spends less CPU compiling.
     # Long jobs on big days want the optimising tier (false).
     quick_jit: bool = False
+    # The driver JVM's collector and JIT (README, "A driver's JVM"): a batch driver wants
+    # throughput, not short pauses (ParallelGC, not G1), and Spark generates code for every query
+    # that mostly runs a few times, so the optimising tier is kept for what is really hot (the
+    # C2 thresholds ~10x the defaults). Replace the list to change them; spark.conf's
+    # spark.driver.extraJavaOptions is added after it.
+    java_options: tuple[str, ...] = (
+        "-XX:+UseParallelGC",
+        "-XX:Tier4InvocationThreshold=50000",
+        "-XX:Tier4MinInvocationThreshold=20000",
+        "-XX:Tier4CompileThreshold=60000",
+        "-XX:Tier4BackEdgeThreshold=400000",
+    )
     conf: dict[str, str] = Field(default_factory=dict)  # any other spark.* setting
 
 

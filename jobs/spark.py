@@ -89,7 +89,7 @@ def _driver_builder(cfg: ExfmConfig):
     _require_java()
     jars = delta_jars(s.jars_dir, s.jars_cache)
     # The JVM logs at WARN from its first line (setLogLevel comes after the startup INFO lines).
-    java_options = [f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}"]
+    java_options = [f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}", *s.java_options]
     archive = class_archive(jars, s.jars_cache) if s.class_archive else None
     if archive is not None:
         java_options.append(f"-XX:SharedArchiveFile={archive}")

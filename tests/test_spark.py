@@ -48,7 +48,9 @@ def test_resolved_jars_are_cached_without_spark_bundled_ones(spark):
     assert "hadoop-client-api" not in names  # pyspark bundles it
 
 
-def test_the_driver_maps_its_class_archive_and_a_failed_dump_is_not_retried(spark, tmp_path, caplog):
+def test_the_driver_maps_its_class_archive_and_collector_and_a_failed_dump_is_not_retried(
+    spark, tmp_path, caplog
+):
     import re
     from pathlib import Path
 
@@ -57,6 +59,9 @@ def test_the_driver_maps_its_class_archive_and_a_failed_dump_is_not_retried(spar
     assert "-XX:TieredStopAtLevel" not in options  # spark.quick_jit is off by default
     pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
     assert archive in Path(f"/proc/{pid}/maps").read_text()  # the JVM mapped the archive's classes
+    management = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    collectors = {gc.getName() for gc in management.getGarbageCollectorMXBeans()}
+    assert collectors == {"PS Scavenge", "PS MarkSweep"}  # spark.java_options: the throughput collector
 
     missing = [tmp_path / "no-such.jar"]  # spark-submit refuses it: no archive, the driver starts without
     assert spark_setup.class_archive(missing, str(tmp_path)) is None
