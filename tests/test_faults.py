@@ -61,7 +61,16 @@ STEPS = [
     ("validate vm_eval", ["validate", "--table", VM_EVAL], [VM_EVAL]),
 ]
 WHEN = ("before_files", "before_commit", "after_commit")
-KILLS = [(step, writer, when) for step, _, writers in STEPS for writer in writers for when in WHEN]
+# A step's second writer killed before its files leaves what its first writer killed after its
+# commit leaves (the gate's dq_results row after the day's publish, the vm_snapshots row after the
+# snapshot's files): one cold `exfm` process, the costliest part of the matrix, tests that state.
+KILLS = [
+    (step, writer, when)
+    for step, _, writers in STEPS
+    for i, writer in enumerate(writers)
+    for when in WHEN
+    if not (i and when == "before_files")
+]
 
 
 def _run_step(step: str, cfg, spark) -> None:
