@@ -119,8 +119,26 @@ def is_delta(uri: str) -> bool:
     return bool(_log_versions(uri))
 
 
+def table_stamp(cfg: ExfmConfig, table: str) -> tuple[int, int] | None:
+    """(current version, mtime in ns of its log entry) of a table, or None if it does not exist.
+
+    The mtime tells a table apart from one dropped and made again up to the same version, so a
+    reader may keep what it read of a table for as long as the stamp stays the same.
+    """
+    entries = _log_entries(cfg.table(table))
+    if not entries:
+        return None
+    version = max(v for v, _ in entries)
+    return version, max(info.mtime_ns or 0 for v, info in entries if v == version)
+
+
 def _log_versions(uri: str) -> list[int]:
     """The versions of the commits and checkpoints in the table's ``_delta_log``."""
+    return [version for version, _ in _log_entries(uri)]
+
+
+def _log_entries(uri: str) -> list:
+    """(version, pyarrow FileInfo) of each commit and checkpoint in the table's ``_delta_log``."""
     from pyarrow import fs as pafs
 
     fs, path = filesystem(uri.removeprefix("file:"))
@@ -128,8 +146,8 @@ def _log_versions(uri: str) -> list[int]:
         log_files = fs.get_file_info(pafs.FileSelector(f"{path}/_delta_log", allow_not_found=True))
     except NotADirectoryError:
         return []
-    matches = (_LOG_ENTRY.fullmatch(f.base_name) for f in log_files)
-    return [int(m[1]) for m in matches if m]
+    matches = ((_LOG_ENTRY.fullmatch(f.base_name), f) for f in log_files)
+    return [(int(m[1]), f) for m, f in matches if m]
 
 
 # A commit (<version>.json) or a checkpoint (<version>.checkpoint[.<part or uuid>].parquet|json);

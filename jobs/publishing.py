@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 from jobs import faults, snapshots
 from jobs.config import ExfmConfig, parse_ds
-from jobs.lakehouse import FM_DATASET, FM_POINTER, FM_SNAPSHOTS, delta_conflicts, render_sql, table_ref
+from jobs.lakehouse import (
+    FM_DATASET,
+    FM_POINTER,
+    FM_SNAPSHOTS,
+    delta_conflicts,
+    render_sql,
+    table_ref,
+    table_stamp,
+)
 
 log = logging.getLogger(__name__)
 PUBLISHED, BLESSED, REJECTED = "published", "blessed", "rejected"
@@ -78,14 +86,26 @@ def _now() -> dt.datetime:
 
 
 def list_snapshots(cfg: ExfmConfig, spark) -> list[SnapshotRow]:
-    """Every row of fm_snapshots, newest day first (small: one row per trained day)."""
-    ensure_tables(cfg, spark)
-    df = (
-        spark.read.format("delta")
-        .load(cfg.table(FM_SNAPSHOTS))
-        .orderBy("trained_through_ds", ascending=False)
-    )
-    return [SnapshotRow(**row.asDict()) for row in df.collect()]
+    """Every row of fm_snapshots, newest day first (small: one row per trained day).
+
+    A day's steps ask a dozen times, and each read is two Spark jobs: the rows are read once per
+    table version (time travel to it) and kept, keyed by the log's stamp, until the table changes.
+    """
+    uri = cfg.table(FM_SNAPSHOTS)
+    stamp = table_stamp(cfg, FM_SNAPSHOTS)
+    if stamp is None or table_stamp(cfg, FM_POINTER) is None:
+        ensure_tables(cfg, spark)
+        stamp = table_stamp(cfg, FM_SNAPSHOTS)
+    cached = _read_snapshots.get(uri)
+    if cached is None or cached[0] != stamp:
+        df = spark.read.format("delta").option("versionAsOf", stamp[0]).load(uri)
+        rows = [SnapshotRow(**row.asDict()) for row in df.collect()]
+        rows.sort(key=lambda r: r.trained_through_ds, reverse=True)
+        cached = _read_snapshots[uri] = (stamp, rows)
+    return list(cached[1])
+
+
+_read_snapshots: dict[str, tuple[tuple[int, int], list[SnapshotRow]]] = {}  # uri -> (stamp, rows)
 
 
 def eligible_statuses(cfg: ExfmConfig) -> tuple[str, ...]:

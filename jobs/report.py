@@ -45,7 +45,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     evals = []
     if table_version(cfg, VM_EVAL) is not None:  # small: (VMs x methods) rows per day
         df = spark.read.format("delta").load(cfg.table(VM_EVAL)).where(F.col("ds") <= day.isoformat())
-        evals = [r.asDict() for r in df.orderBy("ds", "vm", "method").collect()]
+        evals = sorted((r.asDict() for r in df.collect()), key=lambda r: (r["ds"], r["vm"], r["method"]))
     dq = []
     if table_version(cfg, DQ_RESULTS) is not None:
         dq = [r.asDict() for r in spark.read.format("delta").load(cfg.table(DQ_RESULTS)).collect()]

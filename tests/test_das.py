@@ -7,6 +7,7 @@ move pointers and finally garbage-collect.
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import torch
 
 from jobs import das, freshness, ingest, publishing, quality, report, snapshots, train_fm
 from jobs.config import ENV_PREFIX
-from jobs.lakehouse import FM_DATASET, FM_POINTER, VM_TRAFFIC, VM_TRAINING, read_day
+from jobs.lakehouse import FM_DATASET, FM_POINTER, FM_SNAPSHOTS, VM_TRAFFIC, VM_TRAINING, read_day
 from models.data import FeatureEncoder
 from tests.conftest import REPO, SHORT_LIVED, TINY, land_days, tiny_config
 from tests.test_dags import airflow_env
@@ -392,6 +393,40 @@ def test_gc_keeps_held_leased_and_newest_snapshots(spark, world):
     with pytest.raises(snapshots.SnapshotError, match="deleted by gc-snapshots"):
         das.run(DAYS[2], cfg, spark)  # a backfill of day 3 needs the day-2 snapshot
     assert publishing.gc_snapshots(cfg, spark, now=day_after)["collected"] == []  # idempotent
+
+
+def test_snapshot_rows_are_read_once_per_version_and_anew_when_the_table_is_remade(spark, world, tmp_path):
+    _, world_cfg = world
+    known = publishing.list_snapshots(world_cfg, spark)
+    cfg = tiny_config(tmp_path)
+    uri = cfg.table(FM_SNAPSHOTS)
+    assert publishing.list_snapshots(cfg, spark) == []  # made the tables
+
+    def append(row):
+        schema = spark.read.format("delta").load(uri).schema
+        spark.createDataFrame([vars(row)], schema=schema).write.format("delta").mode("append").save(uri)
+
+    def spark_jobs(read):
+        tracker, group = spark.sparkContext.statusTracker(), f"list-snapshots-{len(known)}-{read}"
+        spark.sparkContext.setJobGroup(group, "test")
+        try:
+            return publishing.list_snapshots(cfg, spark), tracker.getJobIdsForGroup(group)
+        finally:
+            spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+
+    append(known[1])
+    rows, jobs = spark_jobs("new version")
+    assert rows == [known[1]] and jobs, "a new version is read"
+    rows, jobs = spark_jobs("same version")
+    assert rows == [known[1]] and not jobs, "the same version is not read again"
+    append(known[0])
+    assert publishing.list_snapshots(cfg, spark) == [known[0], known[1]]  # newest day first
+
+    shutil.rmtree(uri)  # dropped and made again up to the same version, with other rows
+    publishing.ensure_tables(cfg, spark)
+    append(known[2])
+    append(known[3])
+    assert publishing.list_snapshots(cfg, spark) == [known[2], known[3]]
 
 
 def test_cli_lists_snapshots_and_the_pointer(world):
