@@ -109,14 +109,14 @@ def table_version(cfg: ExfmConfig, table: str) -> int | None:
     seven times): a commit is ``<version>.json``, created atomically, and the newest commit (or
     the checkpoint that replaced it) always stays in the log.
     """
-    versions = _log_versions(cfg.table(table))
-    return max(versions) if versions else None
+    stamp = table_stamp(cfg, table)
+    return stamp[0] if stamp else None
 
 
 def is_delta(uri: str) -> bool:
     """Whether a Delta table lives at ``uri``: its log holds a commit. Read from storage, because
     ``DeltaTable.isDeltaTable`` needs the Delta Connect server plugin on a Spark Connect session."""
-    return bool(_log_versions(uri))
+    return bool(_log_entries(uri))
 
 
 def table_stamp(cfg: ExfmConfig, table: str) -> tuple[int, int] | None:
@@ -130,11 +130,6 @@ def table_stamp(cfg: ExfmConfig, table: str) -> tuple[int, int] | None:
         return None
     version = max(v for v, _ in entries)
     return version, max(info.mtime_ns or 0 for v, info in entries if v == version)
-
-
-def _log_versions(uri: str) -> list[int]:
-    """The versions of the commits and checkpoints in the table's ``_delta_log``."""
-    return [version for version, _ in _log_entries(uri)]
 
 
 def _log_entries(uri: str) -> list:

@@ -93,7 +93,7 @@ def list_snapshots(cfg: ExfmConfig, spark) -> list[SnapshotRow]:
     """
     uri = cfg.table(FM_SNAPSHOTS)
     stamp = table_stamp(cfg, FM_SNAPSHOTS)
-    if stamp is None or table_stamp(cfg, FM_POINTER) is None:
+    if stamp is None or table_stamp(cfg, FM_POINTER) is None:  # the pointer's readers come next
         ensure_tables(cfg, spark)
         stamp = table_stamp(cfg, FM_SNAPSHOTS)
     cached = _read_snapshots.get(uri)

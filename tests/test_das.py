@@ -407,7 +407,7 @@ def test_snapshot_rows_are_read_once_per_version_and_anew_when_the_table_is_rema
         spark.createDataFrame([vars(row)], schema=schema).write.format("delta").mode("append").save(uri)
 
     def spark_jobs(read):
-        tracker, group = spark.sparkContext.statusTracker(), f"list-snapshots-{len(known)}-{read}"
+        tracker, group = spark.sparkContext.statusTracker(), f"list-snapshots-{read}"
         spark.sparkContext.setJobGroup(group, "test")
         try:
             return publishing.list_snapshots(cfg, spark), tracker.getJobIdsForGroup(group)
