@@ -99,6 +99,11 @@ class SparkSettings(_Frozen):
     # Only the JIT's first tier (C1): a short driver on small days spends less CPU compiling.
     # Long jobs on big days want the optimising tier (false).
     quick_jit: bool = False
+    # Tiny days (tests, a first look): Spark evaluates the expressions outside whole-stage code
+    # generation (Delta's log and file statistics, writers, small aggregates) interpreted instead
+    # of generating and compiling their code in every task, a quarter of a driver's CPU on days of
+    # a few thousand rows. Per-row work is slower interpreted: false for real days (README).
+    interpreted_projections: bool = False
     # The driver JVM's collector and JIT (README, "A driver's JVM"): a batch driver wants
     # throughput, not short pauses (ParallelGC, not G1), and Spark generates code for every query
     # that mostly runs a few times, so the optimising tier is kept for what is really hot (the

@@ -64,6 +64,7 @@ def _session_conf(cfg: ExfmConfig) -> dict[str, str]:
         # VACUUM lists a table's files in a Spark job of this many tasks (default 10,000: minutes of
         # scheduling on a small driver for a table of a few hundred files); size it like the shuffles.
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(cfg.spark.shuffle_partitions),
+        **({"spark.sql.codegen.factoryMode": "NO_CODEGEN"} if cfg.spark.interpreted_projections else {}),
     }
 
 

@@ -19,6 +19,7 @@ TINY = [
     "synthetic.duplicate_rate=0.01",
     "spark.master=local[2]",
     "spark.shuffle_partitions=2",
+    "spark.interpreted_projections=true",  # a day of 1,500 rows: no code generated per task
     # Tiny days: a larger holdout and tolerance keep the blessing of a healthy FM out of the noise.
     "das.blessing.holdout_fraction=0.2",
     "das.blessing.ne_tolerance=0.05",

@@ -74,7 +74,7 @@ def _write_config(tmp: Path) -> Path:
     raw["synthetic"].update(rows_per_day=1500, rows_per_file=1000, users=300, ads=100, duplicate_rate=0.01)
     raw["synthetic"]["base_ctr"] = {"video": raw["synthetic"]["base_ctr"]["video"]}
     # The Spark Connect server lives through every task of the run: it keeps the optimising JIT.
-    raw["spark"].update(master="local[2]", shuffle_partitions=2)
+    raw["spark"].update(master="local[2]", shuffle_partitions=2, interpreted_projections=True)
     # No Spark UI: a driver starts faster and opens no port.
     raw["spark"]["conf"]["spark.ui.enabled"] = "false"
     raw["das"]["blessing"].update(holdout_fraction=0.2, ne_tolerance=0.05)

@@ -70,3 +70,13 @@ def test_the_driver_maps_its_class_archive_and_collector_and_a_failed_dump_is_no
     assert len(failed) == 1 and failed[0].read_text()
     caplog.clear()
     assert spark_setup.class_archive(missing, str(tmp_path)) is None and not caplog.text  # not tried again
+
+
+def test_interpreted_projections_reach_the_session_only_when_asked(spark):
+    from jobs.config import load_config
+    from tests.conftest import REPO
+
+    # The tests' tiny days ask for them (conftest.TINY); the shipped config generates code.
+    assert spark.conf.get("spark.sql.codegen.factoryMode") == "NO_CODEGEN"
+    shipped = spark_setup._session_conf(load_config(REPO / "exfm.yaml", env={}))
+    assert "spark.sql.codegen.factoryMode" not in shipped
