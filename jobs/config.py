@@ -452,19 +452,30 @@ def _describe(err: Mapping[str, Any]) -> str:
     return f"{field}: {err['msg']}{shown}"
 
 
+# Mappings whose keys are dotted names of their own (Spark's settings): ``spark.conf.spark.ui.enabled``
+# sets the key ``spark.ui.enabled`` of ``spark.conf``.
+FREE_FORM_KEYS = ("spark.conf.",)
+
+
 def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     """Set ``a.b.0.c=value`` in the raw dict; the value is parsed as a YAML scalar/list."""
     key, sep, value = item.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"{source} {item!r} must look like key.path=value")
-    *parents, leaf = key.strip().split(".")
+    mapping = next((m for m in FREE_FORM_KEYS if key.startswith(m) and len(key) > len(m)), None)
+    if mapping:  # the rest of the key is one name, its value a string (as Spark takes them)
+        *parents, leaf = [*mapping.rstrip(".").split("."), key[len(mapping) :]]
+        parsed: Any = value.strip()
+    else:
+        *parents, leaf = key.split(".")
+        parsed = yaml.safe_load(value)
     node: Any = raw
     for part in parents:
         if isinstance(node, list):
             node = node[_index(node, part, key)]
         else:
             node = node.setdefault(part, {})
-    parsed = yaml.safe_load(value)
     if isinstance(node, list):
         node[_index(node, leaf, key)] = parsed
     elif isinstance(node, dict):

@@ -20,6 +20,7 @@ TINY = [
     "spark.master=local[2]",
     "spark.shuffle_partitions=2",
     "spark.interpreted_projections=true",  # a day of 1,500 rows: no code generated per task
+    "spark.conf.spark.ui.enabled=false",  # no web UI: a new driver starts ~1 CPU-s sooner, opens no port
     # Tiny days: a larger holdout and tolerance keep the blessing of a healthy FM out of the noise.
     "das.blessing.holdout_fraction=0.2",
     "das.blessing.ne_tolerance=0.05",

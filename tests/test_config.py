@@ -45,6 +45,19 @@ def test_bad_config_fails_at_load_naming_the_field(override, names):
     assert names in str(e.value)
 
 
+def test_a_spark_setting_is_one_key_of_spark_conf_and_stays_a_string():
+    overrides = [
+        "spark.conf.spark.ui.enabled=false",
+        "spark.conf.spark.databricks.delta.snapshotPartitions=1",
+    ]
+    env = {"EXFM__SPARK__CONF__SPARK.SQL.ADAPTIVE.ENABLED": "false"}  # lower-cased, as env keys are
+    conf = load_config(REPO / "exfm.yaml", overrides=overrides, env=env).spark.conf
+    assert conf["spark.sql.adaptive.enabled"] == "false"
+    assert conf["spark.ui.enabled"] == "false"  # not YAML's boolean: Spark takes strings
+    assert conf["spark.databricks.delta.snapshotPartitions"] == "1"  # exfm.yaml's "2", replaced
+    assert conf["spark.sql.codegen.cache.maxEntries"] == "2000"  # exfm.yaml's other keys stay
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(REPO / "exfm.yaml", overrides=["spark.master"], env={})

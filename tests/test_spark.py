@@ -80,3 +80,5 @@ def test_interpreted_projections_reach_the_session_only_when_asked(spark):
     assert spark.conf.get("spark.sql.codegen.factoryMode") == "NO_CODEGEN"
     shipped = spark_setup._session_conf(load_config(REPO / "exfm.yaml", env={}))
     assert "spark.sql.codegen.factoryMode" not in shipped
+    # ... and no web UI (`--set spark.conf.spark.ui.enabled=false` in TINY): nothing listens.
+    assert spark.sparkContext.uiWebUrl is None
