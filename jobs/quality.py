@@ -555,11 +555,12 @@ def _parameters(table: str, day: dt.date, cfg: ExfmConfig, spark) -> dict:
     from pyspark.sql import functions as F
 
     if table == VM_TRAFFIC:
+        history = _trailing_history(day, cfg, spark)  # one query serves both kinds of band
         return {
             "day_start": f"{day.isoformat()} 00:00:00",
             "day_end": f"{(day + dt.timedelta(days=1)).isoformat()} 00:00:00",
-            **_trailing_bands(day, cfg, spark),
-            **_continuity_bands(day, cfg, spark),
+            **_trailing_bands(history, cfg),
+            **_continuity_bands(day, cfg, spark, seen_traffic=bool(history)),
         }
     if table == FM_DATASET:
         from jobs.fm_dataset import fm_traffic
@@ -626,23 +627,22 @@ def _continuity_scopes(cfg: ExfmConfig) -> list[tuple[str, str, str]]:
     ]
 
 
-def _continuity_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
+def _continuity_bands(day: dt.date, cfg: ExfmConfig, spark, seen_traffic: bool) -> dict:
     """Bands of the seen-id shares: around their mean on the trailing days that passed their gate.
 
-    A day without published days before it sees nothing (band [0, 1], its share 0 does not count
-    later); with traffic but no share recorded yet, the band is [quality.min_id_seen_share, 1].
+    A day without published days before it (``seen_traffic`` false) sees nothing (band [0, 1], its
+    share 0 does not count later); with traffic but no share recorded yet, the band is
+    [quality.min_id_seen_share, 1].
     """
     from pyspark.sql import functions as F
 
     q = cfg.quality
     start = day - dt.timedelta(days=q.trailing_days)
-    traffic = _trailing_traffic(day, cfg, spark)
-    history = traffic is not None and bool(traffic.limit(1).count())
-    floor = q.min_id_seen_share if history else 0.0
+    floor = q.min_id_seen_share if seen_traffic else 0.0
     bands = {}
     for _, _, name in _continuity_scopes(cfg):
         bands[f"min_seen_{name}"], bands[f"max_seen_{name}"] = floor, 1.0
-    if not history or table_version(cfg, DQ_RESULTS) is None:
+    if not seen_traffic or table_version(cfg, DQ_RESULTS) is None:
         return bands
     observed = [
         json.loads(r["observed"])
@@ -666,11 +666,29 @@ def _continuity_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
     return bands
 
 
-def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
-    """Row count and label-mean bands from the published vm_traffic days before ds: the day's
-    (``min_rows``, ``min_mean_<label>``, ...) and each VM's (``min_rows_vm_<vm>``, ``min_mean_vm_<vm>``)."""
+def _trailing_history(day: dt.date, cfg: ExfmConfig, spark) -> list:
+    """One small row per VM of the published vm_traffic days before ds (days, rows, positives);
+    empty before any."""
     from pyspark.sql import functions as F
 
+    traffic = _trailing_traffic(day, cfg, spark)
+    if traffic is None:
+        return []
+    label = F.coalesce(*[F.col(c) for c in cfg.labels])  # a VM's rows carry its own label
+    return (
+        traffic.groupBy("vm")
+        .agg(
+            F.countDistinct("ds").alias("days"),
+            F.count("*").alias("rows"),
+            F.sum(label).alias("positives"),
+        )
+        .collect()
+    )
+
+
+def _trailing_bands(history: list, cfg: ExfmConfig) -> dict:
+    """Row count and label-mean bands from the trailing days' ``history`` (``_trailing_history``):
+    the day's (``min_rows``, ``min_mean_<label>``, ...) and each VM's (``min_rows_vm_<vm>``, ...)."""
     q = cfg.quality
     bands = {"min_rows": 1, "max_rows": None}  # an empty day never passes
     bands |= {f"min_mean_{label}": 0.0 for label in cfg.labels}
@@ -681,19 +699,6 @@ def _trailing_bands(day: dt.date, cfg: ExfmConfig, spark) -> dict:
     bands |= {f"min_mean_vm_{vm.name}": 0.0 for vm in cfg.vms} | {
         f"max_mean_vm_{vm.name}": 1.0 for vm in cfg.vms
     }
-    traffic = _trailing_traffic(day, cfg, spark)
-    if traffic is None:
-        return bands
-    label = F.coalesce(*[F.col(c) for c in cfg.labels])  # a VM's rows carry its own label
-    history = (  # one small row per VM
-        traffic.groupBy("vm")
-        .agg(
-            F.countDistinct("ds").alias("days"),
-            F.count("*").alias("rows"),
-            F.sum(label).alias("positives"),
-        )
-        .collect()
-    )
     days = max((r["days"] for r in history), default=0)
     if not days:
         return bands
