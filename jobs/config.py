@@ -452,9 +452,9 @@ def _describe(err: Mapping[str, Any]) -> str:
     return f"{field}: {err['msg']}{shown}"
 
 
-# Mappings whose keys are dotted names of their own (Spark's settings): ``spark.conf.spark.ui.enabled``
-# sets the key ``spark.ui.enabled`` of ``spark.conf``.
-FREE_FORM_KEYS = ("spark.conf.",)
+# spark.conf's keys are Spark's dotted names: ``spark.conf.spark.ui.enabled`` sets its key
+# ``spark.ui.enabled``.
+SPARK_CONF = "spark.conf."
 
 
 def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
@@ -463,9 +463,8 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"{source} {item!r} must look like key.path=value")
-    mapping = next((m for m in FREE_FORM_KEYS if key.startswith(m) and len(key) > len(m)), None)
-    if mapping:  # the rest of the key is one name, its value a string (as Spark takes them)
-        *parents, leaf = [*mapping.rstrip(".").split("."), key[len(mapping) :]]
+    if key.startswith(SPARK_CONF) and len(key) > len(SPARK_CONF):  # one key, a string as Spark takes
+        *parents, leaf = "spark", "conf", key[len(SPARK_CONF) :]
         parsed: Any = value.strip()
     else:
         *parents, leaf = key.split(".")
