@@ -4,10 +4,10 @@ A Spark Connect server, scheduler, api-server and dag-processor run in a tempora
 the metadata DB on Postgres (`airflow-local --postgres`), on loopback and free ports, with the
 repository's dags/ and a one-VM tiny config; every task is a Spark Connect client of the one
 server. `airflow backfill create` makes the runs, the REST API v2 reports them, and the Delta
-tables of every task that ran are checked. Then the middle day is cleared and run again, and the
-same days are run one by one (`exfm demo`, dag.test per day, in one process with its own local
-driver) into a second lakehouse: both must leave exactly the tables the backfill left, so Spark
-Connect and a classic driver write the same tables.
+tables of every task that ran are checked. Then the middle day is cleared and run again. Beside
+all of it the same days run one by one (`exfm demo`, dag.test per day, in one process with its own
+local driver) into a second lakehouse: the re-run and the demo must leave exactly the tables the
+backfill left, so Spark Connect and a classic driver write the same tables.
 Also a static check of docker/docker-compose.yaml (no Docker engine needed).
 """
 
@@ -170,6 +170,21 @@ def _tables(spark, cfg) -> dict:
     return content
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Stop ``process`` and every process of its group (it was started in a session of its own)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    try:  # a child may have outlived the process that started it
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _durations(tis: list[dict]) -> str:
     """Seconds per task and day, and from the first start to the last end: where the time goes."""
     rows = sorted(
@@ -184,7 +199,7 @@ def _durations(tis: list[dict]) -> str:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(TIMEOUT_S + 5 * 60)
-def test_backfill_three_days_in_airflow(spark, tmp_path):
+def test_backfill_three_days_in_airflow(spark, tmp_path, request):
     config = _write_config(tmp_path)
     cfg = load_config(config, env={})
     for ds in DAYS:
@@ -212,6 +227,20 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
         # Parsed once at start; re-parsing the file would only take CPU from the tasks.
         AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="600",
     )
+    # The same days one by one (the README's demo: dag.test() per day, in one process with its own
+    # local driver) into a second lakehouse: it shares nothing with the Airflow run, so it runs
+    # beside it (the scheduler's waits leave it CPU) and is compared with it at the end.
+    day_by_day, t0 = _write_config(tmp_path / "day_by_day"), time.monotonic()
+    with open(tmp_path / "day_by_day.log", "w") as log:
+        demo = subprocess.Popen(
+            [str(REPO / "exfm"), "demo", "--config", str(day_by_day), "--start", DAYS[0], "--days", "3"],
+            env={**env, "AIRFLOW_HOME": str(tmp_path / "day_by_day" / "airflow")},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    request.addfinalizer(lambda: _stop(demo))  # however the test ends
     # Its own process group, so that the finally below stops every process it started.
     services = subprocess.Popen(
         [str(REPO / "exfm"), "airflow-local", "--postgres", *COMPONENTS],
@@ -241,29 +270,24 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
             *["--max-active-runs", "1", "--reprocess-behavior", "completed"],
         )
 
+        created = time.monotonic()
         runs, tis = _wait_for_success(api, home, services, deadline)
         assert (home / "postgres" / "PG_VERSION").exists() and not (home / "airflow.db").exists()  # Postgres
-        print(f"backfill of {len(DAYS)} days:\n{_durations(tis)}")
+        ran = time.monotonic() - created
+        print(f"services up and backfill created: {created - t0:.0f} s; its {len(DAYS)} days: {ran:.0f} s")
+        print(_durations(tis))
         backfilled = _tables(spark, cfg)
 
         # Clear the middle day, as a user does after a bad run: the scheduler runs it again.
         _airflow_cli(
             env, "tasks", "clear", "exfm_daily", "--yes", "--start-date", DAYS[1], "--end-date", DAYS[1]
         )
+        cleared = time.monotonic()
         _, rerun_tis = _wait_for_success(api, home, services, deadline)
-        print(f"clear and re-run of {DAYS[1]}:\n{_durations(rerun_tis)}")
+        print(f"clear and re-run of {DAYS[1]} in {time.monotonic() - cleared:.0f} s:")
+        print(_durations(rerun_tis))
     finally:
-        if services.poll() is None:
-            os.killpg(services.pid, signal.SIGTERM)
-            try:
-                services.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(services.pid, signal.SIGKILL)
-                services.wait()
-        try:  # a component may have outlived the script that started it
-            os.killpg(services.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _stop(services)
         logs = tmp_path / "airflow-logs"  # kept with the test's files; the rest goes
         shutil.copytree(home, logs, ignore=shutil.ignore_patterns("postgres"), dirs_exist_ok=True)
         shutil.rmtree(home, ignore_errors=True)
@@ -294,16 +318,12 @@ def test_backfill_three_days_in_airflow(spark, tmp_path):
     assert all(again[key] > tries for key, tries in before.items()), (before, again)
     assert _tables(spark, cfg) == backfilled
 
-    # The same days one by one (the README's demo: dag.test() per day) give the same tables.
-    day_by_day = _write_config(tmp_path / "day_by_day")
-    done = subprocess.run(
-        [str(REPO / "exfm"), "demo", "--config", str(day_by_day), "--start", DAYS[0], "--days", "3"],
-        env={**env, "AIRFLOW_HOME": str(tmp_path / "day_by_day" / "airflow")},
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    # The same days one by one (the demo that ran beside the Airflow run) give the same tables.
+    returncode = demo.wait(timeout=max(deadline - time.monotonic(), 60))
+    log = (tmp_path / "day_by_day.log").read_text()
+    assert returncode == 0, log[-8000:]
+    days = re.findall(r"^\S+  exfm_daily: .*$", log, re.M)  # a line per day, with its seconds
+    print("day-by-day demo, beside the Airflow run:", *days, sep="\n")
     assert _tables(spark, load_config(day_by_day, env={})) == backfilled
 
 
