@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,21 @@ def land_days(days, cfg: ExfmConfig, spark) -> None:
         quality.run(VM_TRAFFIC, day, cfg, spark)
         fm_dataset.run(day, cfg, spark)
         quality.run(FM_DATASET, day, cfg, spark)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop ``process`` and every process of its group (started with ``start_new_session``)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    try:  # a child may have outlived the process that started it
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 # The suite runs on every core (pytest-xdist, a file per worker: pyproject's addopts); the longest

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -43,7 +42,7 @@ from jobs.lakehouse import (
     VM_TRAFFIC,
     VM_TRAINING,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_group
 from tests.test_ingest import checksum
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
@@ -170,21 +169,6 @@ def _tables(spark, cfg) -> dict:
     return content
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop ``process`` and every process of its group (it was started in a session of its own)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    try:  # a child may have outlived the process that started it
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _durations(tis: list[dict]) -> str:
     """Seconds per task and day, and from the first start to the last end: where the time goes."""
     rows = sorted(
@@ -240,7 +224,7 @@ def test_backfill_three_days_in_airflow(spark, tmp_path, request):
             cwd=tmp_path,
             start_new_session=True,
         )
-    request.addfinalizer(lambda: _stop(demo))  # however the test ends
+    request.addfinalizer(lambda: stop_group(demo))  # however the test ends
     # Its own process group, so that the finally below stops every process it started.
     services = subprocess.Popen(
         [str(REPO / "exfm"), "airflow-local", "--postgres", *COMPONENTS],
@@ -287,7 +271,7 @@ def test_backfill_three_days_in_airflow(spark, tmp_path, request):
         print(f"clear and re-run of {DAYS[1]} in {time.monotonic() - cleared:.0f} s:")
         print(_durations(rerun_tis))
     finally:
-        _stop(services)
+        stop_group(services)
         logs = tmp_path / "airflow-logs"  # kept with the test's files; the rest goes
         shutil.copytree(home, logs, ignore=shutil.ignore_patterns("postgres"), dirs_exist_ok=True)
         shutil.rmtree(home, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from jobs.lakehouse import (
     VM_TRAINING,
     is_delta,
 )
-from tests.conftest import REPO, land_days, tiny_config
+from tests.conftest import REPO, land_days, stop_group, tiny_config
 from tests.test_airflow_e2e import VOLATILE
 from tests.test_ingest import checksum
 
@@ -70,11 +69,7 @@ def spark_server(tmp_path_factory):
                 time.sleep(1)
         yield f"sc://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)
 
 
 def _content(spark, cfg) -> dict:
