@@ -93,7 +93,10 @@ def _driver_builder(cfg: ExfmConfig):
     java_options = [f"-Dlog4j2.configurationFile={LOG4J2.as_uri()}", *s.java_options]
     archive = class_archive(jars, s.jars_cache) if s.class_archive else None
     if archive is not None:
-        java_options.append(f"-XX:SharedArchiveFile={archive}")
+        # The JDK's own base archive was dumped without the --add-modules/--add-opens Spark's
+        # launcher passes, so the JVM maps the classes but not the archived module graph; from
+        # JDK 24 on it says so at every start as [error][cds] lines on stdout, a CLI's output.
+        java_options += [f"-XX:SharedArchiveFile={archive}", "-Xlog:cds=off"]
     if s.quick_jit:
         java_options.append("-XX:TieredStopAtLevel=1")
     conf = dict(s.conf)
