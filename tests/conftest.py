@@ -24,6 +24,8 @@ TINY = [
     "spark.shuffle_partitions=2",
     "spark.interpreted_projections=true",  # a day of 1,500 rows: no code generated per task
     "spark.conf.spark.ui.enabled=false",  # no web UI: a new driver starts ~1 CPU-s sooner, opens no port
+    # No adaptive re-planning: at 1,500 rows it only adds planning and jobs (README, "Tiny days").
+    "spark.conf.spark.sql.adaptive.enabled=false",
     # Tiny days: a larger holdout and tolerance keep the blessing of a healthy FM out of the noise.
     "das.blessing.holdout_fraction=0.2",
     "das.blessing.ne_tolerance=0.05",

@@ -74,8 +74,8 @@ def _write_config(tmp: Path) -> Path:
     raw["synthetic"]["base_ctr"] = {"video": raw["synthetic"]["base_ctr"]["video"]}
     # The Spark Connect server lives through every task of the run: it keeps the optimising JIT.
     raw["spark"].update(master="local[2]", shuffle_partitions=2, interpreted_projections=True)
-    # No Spark UI: a driver starts faster and opens no port.
-    raw["spark"]["conf"]["spark.ui.enabled"] = "false"
+    # No Spark UI: a driver starts faster and opens no port. No adaptive re-planning of tiny days.
+    raw["spark"]["conf"].update({"spark.ui.enabled": "false", "spark.sql.adaptive.enabled": "false"})
     raw["das"]["blessing"].update(holdout_fraction=0.2, ne_tolerance=0.05)
     for name in ("lakehouse", "landing", "truth"):
         raw[f"{name}_root"] = str(tmp / name)

@@ -151,7 +151,9 @@ def test_model_loads_once_per_python_worker(spark, world):
     spark.conf.set("spark.sql.shuffle.partitions", "8")  # 8 scoring tasks on 2 cores
     spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", "false")
     try:
-        out = das.run(DAYS[1], cfg, spark)
+        # Day 3's teacher (the FM of day 2) is one no Python worker has loaded yet: the workers
+        # that scored day 2 before are still there, holding day 1's.
+        out = das.run(DAYS[2], cfg, spark)
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", "2")
         spark.conf.unset("spark.sql.adaptive.coalescePartitions.enabled")
