@@ -110,7 +110,7 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
 
     for vm in cfg.vms:
         # The teacher scores the DAS appended for day t (one snapshot per VM and day, its gate says).
-        listing = day_files(spark, cfg, VM_TRAINING, day, vm=vm.name, ordered=False)
+        listing = day_files(spark, cfg, VM_TRAINING, day, vm=vm.name)
         teacher_ids = day_values(
             spark, cfg, VM_TRAINING, day, "teacher_snapshot_id", vm=vm.name, files=listing
         )
@@ -151,6 +151,9 @@ def run(ds: str | dt.date, cfg: ExfmConfig, spark) -> dict:
     }
 
 
+EVAL_BATCH_ROWS = 16_384
+
+
 def score_snapshots(
     snapshot_uris: list[str],
     eval_ds: str | dt.date,
@@ -165,8 +168,12 @@ def score_snapshots(
 ) -> list[dict]:
     """Metrics of each snapshot (FM or VM) on one VM's rows of ``eval_ds``, in one read of the day.
 
-    Every model scores every batch of the one pass; the metrics are sums, so the rows need no
-    order. The FM is scored on the VM's own view of the rows (features the VM lacks are absent).
+    Every model scores every batch of the one pass. The metrics are float sums, and a model's
+    scores may differ in the last bits with a row's place in its batch: the rows are read in
+    arrival order and cut into batches of a fixed size across files, so the result depends on the
+    day's rows only, not on how a writer split them into files (a re-run's split may differ: its
+    range bounds come from a sample). The FM is scored on the VM's own view of the rows (features
+    the VM lacks are absent).
     ``vm_name=None`` scores the FM dataset instead (the merged view the FM trains on). ``scores``:
     probability columns of ``table`` judged as they are (e.g. the DAS's ``teacher_score``), after
     the snapshots in the result. NE is normalised by each snapshot's training CTR (paper §4.1.2)
@@ -201,15 +208,14 @@ def score_snapshots(
         day,
         columns,
         vm=vm_name,
-        ordered=False,
-        batch_rows=16_384,
+        batch_rows=EVAL_BATCH_ROWS,
         files=files,
         dictionary=categorical,
     )
     with day_rows as (rows, batches), torch.no_grad():
         if not rows:
             raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm_name}" if vm_name else ""))
-        for batch in batches:
+        for batch in fixed_batches(batches, EVAL_BATCH_ROWS):
             # Requests without this label (the FM dataset's rows of other tasks' VMs) are not judged.
             batch = batch.filter(pc.is_valid(batch.column(label)))
             y = torch.from_numpy(batch.column(label).to_numpy().astype(np.float32))
@@ -221,6 +227,24 @@ def score_snapshots(
                 m.update(p=torch.from_numpy(batch.column(column).to_numpy().astype(np.float32)), y=y)
     bases = [base_rate or _train_rate(meta, label) for _, _, meta, _ in judged] + [base_rate] * len(scores)
     return [m.compute(train_base_rate=b) for m, b in zip(metrics, bases, strict=True)]
+
+
+def fixed_batches(batches, size: int):
+    """The record batches cut into batches of ``size`` rows (the last one shorter), across the
+    input's boundaries; holds at most ~2 batches."""
+    import pyarrow as pa
+
+    held, n = [], 0
+    for rb in batches:
+        held.append(rb)
+        n += rb.num_rows
+        if n >= size:
+            table = pa.Table.from_batches(held).combine_chunks()
+            full = n - n % size
+            yield from table.slice(0, full).to_batches(max_chunksize=size)
+            held, n = table.slice(full).to_batches(), n - full
+    if n:
+        yield from pa.Table.from_batches(held).combine_chunks().to_batches(max_chunksize=size)
 
 
 def _train_rate(meta: dict, label: str) -> float:

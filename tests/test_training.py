@@ -178,7 +178,7 @@ def _batches(spark, cfg, **kw):
     return list(day_batches(spark, cfg, FM_DATASET, DAYS[0], encoder, label="click", batch_size=500, **kw))
 
 
-def test_same_rows_give_the_same_batches_whatever_the_file_layout(spark, world, tmp_path):
+def test_same_rows_give_the_same_batches_and_metrics_whatever_the_file_layout(spark, world, tmp_path):
     from pyspark.sql import functions as F
 
     _, cfg = world
@@ -204,6 +204,11 @@ def test_same_rows_give_the_same_batches_whatever_the_file_layout(spark, world, 
         for a, b in zip(ours, theirs, strict=True):
             assert torch.equal(a.categorical, b.categorical) and torch.equal(a.dense, b.dense)
             assert torch.equal(a.label, b.label)
+    # The evaluation too: a model's metrics on the same rows, to the last bit, whatever the layout.
+    fm = [snapshots.fm_uri(cfg, DAYS[0])]
+    assert evaluate.score_snapshots(fm, DAYS[0], None, cfg, spark) == evaluate.score_snapshots(
+        fm, DAYS[0], None, scattered, spark
+    )
     held_out = sum(b.size for b in _batches(spark, cfg, holdout="only"))
     total = read_day(spark, cfg, FM_DATASET, DAYS[0]).count()
     assert 0.1 * total < held_out < 0.3 * total  # das.blessing.holdout_fraction=0.2 of TINY
