@@ -185,7 +185,7 @@ def score_snapshots(
     import torch
 
     from jobs import snapshots, train_fm, train_vm
-    from models.data import FeatureEncoder
+    from models.data import FeatureEncoder, rebatch
     from models.metrics import StreamingBinaryMetrics
 
     day = parse_ds(eval_ds)
@@ -215,7 +215,7 @@ def score_snapshots(
     with day_rows as (rows, batches), torch.no_grad():
         if not rows:
             raise ValueError(f"{table} has no rows for ds={day}" + (f", vm={vm_name}" if vm_name else ""))
-        for batch in fixed_batches(batches, EVAL_BATCH_ROWS):
+        for batch in rebatch(batches, EVAL_BATCH_ROWS):
             # Requests without this label (the FM dataset's rows of other tasks' VMs) are not judged.
             batch = batch.filter(pc.is_valid(batch.column(label)))
             y = torch.from_numpy(batch.column(label).to_numpy().astype(np.float32))
@@ -227,24 +227,6 @@ def score_snapshots(
                 m.update(p=torch.from_numpy(batch.column(column).to_numpy().astype(np.float32)), y=y)
     bases = [base_rate or _train_rate(meta, label) for _, _, meta, _ in judged] + [base_rate] * len(scores)
     return [m.compute(train_base_rate=b) for m, b in zip(metrics, bases, strict=True)]
-
-
-def fixed_batches(batches, size: int):
-    """The record batches cut into batches of ``size`` rows (the last one shorter), across the
-    input's boundaries; holds at most ~2 batches."""
-    import pyarrow as pa
-
-    held, n = [], 0
-    for rb in batches:
-        held.append(rb)
-        n += rb.num_rows
-        if n >= size:
-            table = pa.Table.from_batches(held).combine_chunks()
-            full = n - n % size
-            yield from table.slice(0, full).to_batches(max_chunksize=size)
-            held, n = table.slice(full).to_batches(), n - full
-    if n:
-        yield from pa.Table.from_batches(held).combine_chunks().to_batches(max_chunksize=size)
 
 
 def _train_rate(meta: dict, label: str) -> float:
