@@ -4,7 +4,8 @@ Two worlds of the same tiny synthetic days: world A runs day 1, world B starts a
 (`study.copy_run`). In world A day 2 runs undisturbed, step by step, and the content of every
 table after each step is the reference. In world B each step of day 2 is
 first run as a real `exfm` process killed at a failpoint (jobs/faults.py: before any file, after
-its files and before the commit, after the commit), once per point; after each kill every table
+its files and before the commit, after the commit; a Delta writer at the last two, see KILLS),
+once per point; after each kill every table
 holds either what it held before the step or exactly the reference after it (nothing partial is
 visible), and a snapshot either loads as the reference or does not exist for a reader. Then the
 step runs to the end (a re-run from whatever the kills left) and its tables equal world A's.
@@ -61,15 +62,18 @@ STEPS = [
     ("validate vm_eval", ["validate", "--table", VM_EVAL], [VM_EVAL]),
 ]
 WHEN = ("before_files", "before_commit", "after_commit")
-# A step's second writer killed before its files leaves what its first writer killed after its
-# commit leaves (the gate's dq_results row after the day's publish, the vm_snapshots row after the
-# snapshot's files): one cold `exfm` process, the costliest part of the matrix, tests that state.
+SNAPSHOT_WRITERS = ("snapshot/fm", "snapshot/vm")  # files and meta.json; every other writer is Delta
+# A Delta writer killed before its files leaves the versions it leaves killed before its commit
+# (its files, if any, are referenced by no version), and the re-run starts from less: its
+# before_commit kill, which must land before the commit (asserted below), stands for both. Each
+# kill is a cold `exfm` process, the costliest part of the matrix. A snapshot killed before its
+# files differs (no directory vs a model file without meta.json): all three points.
 KILLS = [
     (step, writer, when)
     for step, _, writers in STEPS
-    for i, writer in enumerate(writers)
+    for writer in writers
     for when in WHEN
-    if not (i and when == "before_files")
+    if writer in SNAPSHOT_WRITERS or when != "before_files"
 ]
 
 
@@ -207,6 +211,8 @@ def test_a_killed_writer_leaves_nothing_partial_and_the_rerun_recovers(spark, wo
     done = _killed(worlds, args, f"{writer}@{when}")
     assert done.returncode == -9, f"{step} was not killed at {writer}@{when}:\n{done.stderr[-3000:]}"
     landed = "after_commit" if "after_commit" in done.stderr.rsplit("failpoint ", 1)[-1] else when
+    if writer not in SNAPSHOT_WRITERS:  # its kill before the commit also stands for one before the files
+        assert landed == when, f"{writer}@{when}: the commit came before the kill"
 
     # Nothing partial is visible: each table holds what it held before the step, or all of it.
     after = worlds.content = _content(spark, worlds.b, worlds.root, worlds.seen)
