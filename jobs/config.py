@@ -244,6 +244,9 @@ class QualitySettings(_Frozen):
     max_conflicting_labels: float = Field(0.0, ge=0, le=1)
     # Dense feature -> [min, max] (inclusive). Features without a range must still be finite.
     dense_ranges: dict[Identifier, tuple[float, float]] = Field(default_factory=dict)
+    # The Data Docs index lists the newest validation results only (each gate rebuilds it, reading
+    # every result it lists); older ones keep their pages, linked from dq_results and the reports.
+    docs_index_results: int = Field(60, ge=1)
     gx_root: str | None = None  # GX file project (suites, results); default <lakehouse_root>/_gx
     docs_root: str | None = None  # the Data Docs static site; default <lakehouse_root>/data_docs
 

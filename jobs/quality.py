@@ -239,11 +239,16 @@ def _context(cfg: ExfmConfig):
     ctx = gx.get_context(mode="file", project_root_dir=cfg.gx_root)
     site = {
         "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        # Every gate rebuilds the index, which loads each validation result it lists: all of them
+        # would be months of results (maintenance.data_docs_days) read again at every gate.
+        "site_index_builder": {
+            "class_name": "DefaultSiteIndexBuilder",
+            "validation_results_limit": cfg.quality.docs_index_results,
+        },
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": cfg.docs_root},
     }
     sites = ctx.list_data_docs_sites()
-    if sites.get(DOCS_SITE, {}).get("store_backend", {}).get("base_directory") != cfg.docs_root:
+    if {k: sites.get(DOCS_SITE, {}).get(k) for k in site} != site:
         (ctx.update_data_docs_site if DOCS_SITE in sites else ctx.add_data_docs_site)(DOCS_SITE, site)
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
         ctx.enable_analytics(False)  # also saves the project config

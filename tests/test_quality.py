@@ -8,6 +8,7 @@ for inspection. Tests run in file order; the corpus restores the landing files a
 
 import datetime as dt
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,27 @@ def test_data_docs_site_is_built_and_linked(world):
     assert all(suite in html for suite in ("vm_traffic", "fm_dataset", "teacher_scores"))
     page = Path(unquote(urlparse(world.gates[-1]["validation_page"]).path))
     assert page.exists() and "teacher_snapshot_id" in page.read_text()
+
+
+def test_data_docs_index_lists_the_newest_results_only(spark, world):
+    """Each gate rebuilds the index: it reads only the results it lists, the newest ones."""
+    index = Path(world.cfg.docs_root) / "index.html"
+
+    def listed() -> set[str]:
+        return set(re.findall(r"'_table_row_link_path': '(validations/[^']+)'", index.read_text()))
+
+    before = listed()
+    assert len(before) == len(world.gates)  # fewer than quality.docs_index_results (60)
+    short = world.cfg.model_copy(
+        update={"quality": world.cfg.quality.model_copy(update={"docs_index_results": 2})}
+    )
+    newest = Path(unquote(urlparse(quality.run(VM_TRAINING, D2, short, spark)["validation_page"]).path))
+    now = listed()
+    (added,) = now - before
+    assert len(now) == 2 and str(newest).endswith(added)
+    assert all((Path(world.cfg.docs_root) / page).exists() for page in before)  # pages stay
+    quality.run(VM_TRAINING, D2, world.cfg, spark)  # the configured limit again: all of them
+    assert len(listed()) == len(world.gates) + 2
 
 
 def test_revalidation_is_idempotent(spark, world):
