@@ -2,15 +2,14 @@
 
 Two worlds of the same tiny synthetic days: world A runs day 1, world B starts as a copy of it
 (`study.copy_run`). In world A day 2 runs undisturbed, step by step, and the content of every
-table after each step is the reference. In world B each step of day 2 is
-first run as a real `exfm` process killed at a failpoint (jobs/faults.py: before any file, after
-its files and before the commit, after the commit; a Delta writer at the last two, see KILLS),
-once per point; after each kill every table
-holds either what it held before the step or exactly the reference after it (nothing partial is
-visible), and a snapshot either loads as the reference or does not exist for a reader. Then the
-step runs to the end (a re-run from whatever the kills left) and its tables equal world A's.
-Files a killed Delta writer left are referenced by no version: no reader can pick them up (the
-maintenance DAG's VACUUM deletes them).
+table after each step is the reference. In world B each step of day 2 is first run as a real
+`exfm` process killed at a failpoint (jobs/faults.py: before any file, after its files and before
+the commit, after the commit; a Delta writer at the last two, see KILLS), once per point; after
+each kill every table holds either what it held before the step or exactly the reference after
+it (nothing partial is visible), and a snapshot either loads as the reference or does not exist
+for a reader. Then the step runs to the end (a re-run from whatever the kills left) and its
+tables equal world A's. Files a killed Delta writer left are referenced by no version: no reader
+can pick them up (the maintenance DAG's VACUUM deletes them).
 """
 
 import datetime as dt
