@@ -244,6 +244,12 @@ def _context(cfg: ExfmConfig):
         "site_index_builder": {
             "class_name": "DefaultSiteIndexBuilder",
             "validation_results_limit": cfg.quality.docs_index_results,
+            "view": {"module_name": "jobs.data_docs", "class_name": "IndexPageView"},
+        },
+        # GX's page views, whose templates compile once per machine instead of at every gate.
+        "site_section_builders": {
+            section: {"view": {"module_name": "jobs.data_docs", "class_name": "PageView"}}
+            for section in ("expectations", "validations", "profiling")
         },
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": cfg.docs_root},
     }
