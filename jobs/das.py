@@ -27,14 +27,11 @@ from jobs import fm_dataset, publishing, quality, snapshots, train_fm
 from jobs.config import ExfmConfig, parse_ds
 from jobs.lakehouse import VM_TRAFFIC, VM_TRAINING, read_day
 
-# teacher_logits / teacher_scores: one per FM head (task); each VM's row takes its label's head.
+# teacher_logits: one per FM head (task); each VM's row takes its label's head.
 # score_batch / model_load: 1 on the first row of each scored batch / of a worker's first batch
 # after it loaded the snapshot. Counters that ride with the rows, because a Spark Connect
 # client has no accumulators.
-SCORE_SCHEMA = (
-    "request_id string, teacher_logits array<double>, teacher_scores array<double>, "
-    "score_batch byte, model_load byte"
-)
+SCORE_SCHEMA = "request_id string, teacher_logits array<double>, score_batch byte, model_load byte"
 
 # Per Python worker process: sha256 -> (model, encoder). Spark reuses a worker across tasks
 # (spark.python.worker.reuse), so a snapshot is read and deserialised once per worker.
@@ -77,7 +74,6 @@ def score_batches(batches: Iterator, *, uri: str, sha256: str, batch_size: int) 
                     {
                         "request_id": part.column("request_id"),
                         "teacher_logits": _rows(logits.double().numpy()),
-                        "teacher_scores": _rows(torch.sigmoid(logits).double().numpy()),
                         "score_batch": first,
                         "model_load": first * loaded,
                     }
@@ -138,8 +134,10 @@ def run(
     source = (
         traffic.join(scored, "request_id")
         .withColumn("teacher_logit", F.element_at("teacher_logits", head))
-        .withColumn("teacher_score", F.element_at("teacher_scores", head))
-        .drop("teacher_logits", "teacher_scores", "score_batch", "model_load")
+        # The score from the logit in Spark (StrictMath): torch's float32 sigmoid rounds a value
+        # differently in its vector and scalar loops, so it would depend on the batch layout.
+        .withColumn("teacher_score", 1 / (1 + F.exp(-F.col("teacher_logit"))))
+        .drop("teacher_logits", "score_batch", "model_load")
         .withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
     )
     quality.stage(source, cfg, VM_TRAINING, day)
