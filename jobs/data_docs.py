@@ -17,17 +17,15 @@ except RuntimeError:  # no private temp dir to keep them in: compile at every ga
     _COMPILED = None
 
 
-class PageView(DefaultJinjaPageView):
+class _CompiledOnce:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.env.bytecode_cache = _COMPILED
+
+
+class PageView(_CompiledOnce, DefaultJinjaPageView):
     """A validation result's or a suite's page."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.env.bytecode_cache = _COMPILED
 
-
-class IndexPageView(DefaultJinjaIndexPageView):
+class IndexPageView(_CompiledOnce, DefaultJinjaIndexPageView):
     """The site's index page."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.env.bytecode_cache = _COMPILED
