@@ -136,7 +136,9 @@ def run(
         .withColumn("teacher_logit", F.element_at("teacher_logits", head))
         # The score from the logit in Spark (StrictMath): torch's float32 sigmoid rounds a value
         # differently in its vector and scalar loops, so it would depend on the batch layout.
-        .withColumn("teacher_score", 1 / (1 + F.exp(-F.col("teacher_logit"))))
+        # Rounded to float32, the FM's precision (as its logits are): sums of such values are
+        # exact in double, so a day's mean score does not depend on how Spark split the day.
+        .withColumn("teacher_score", (1 / (1 + F.exp(-F.col("teacher_logit")))).cast("float").cast("double"))
         .drop("teacher_logits", "score_batch", "model_load")
         .withColumn("teacher_snapshot_id", F.lit(row.snapshot_id))
     )
