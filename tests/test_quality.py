@@ -121,6 +121,19 @@ def test_data_docs_index_lists_the_newest_results_only(spark, world):
     assert len(listed()) == len(world.gates) + 2
 
 
+def test_data_docs_pages_render_from_compiled_templates(world):
+    """The site's views are ours, and the gates left their compiled templates in Jinja's cache."""
+    from jobs import data_docs
+
+    site = quality._context(world.cfg).list_data_docs_sites()[quality.DOCS_SITE]
+    views = [site["site_index_builder"]["view"], *(s["view"] for s in site["site_section_builders"].values())]
+    assert {v["module_name"] for v in views} == {"jobs.data_docs"}
+    for view in (data_docs.PageView(), data_docs.IndexPageView()):
+        env = view.env
+        source, filename, _ = env.loader.get_source(env, view._template)
+        assert env.bytecode_cache.get_bucket(env, view._template, filename, source).code is not None
+
+
 def test_revalidation_is_idempotent(spark, world):
     cfg = world.cfg
     again = quality.run(VM_TRAFFIC, D1, cfg, spark)
