@@ -32,6 +32,8 @@ DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
+# Python workers fork from a daemon that has imported torch (jobs/worker_daemon.py).
+WORKER_CONF = {"spark.python.daemon.module": "jobs.worker_daemon"}
 log = logging.getLogger(__name__)
 
 
@@ -109,7 +111,7 @@ def _driver_builder(cfg: ExfmConfig):
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.extraJavaOptions", " ".join(java_options).strip())
     )
-    for key, value in {**DELTA_CONF, **_session_conf(cfg), **conf}.items():
+    for key, value in {**DELTA_CONF, **WORKER_CONF, **_session_conf(cfg), **conf}.items():
         builder = builder.config(key, value)
     return builder
 

@@ -82,3 +82,24 @@ def test_interpreted_projections_reach_the_session_only_when_asked(spark):
     assert "spark.sql.codegen.factoryMode" not in shipped
     # ... and no web UI (`--set spark.conf.spark.ui.enabled=false` in TINY): nothing listens.
     assert spark.sparkContext.uiWebUrl is None
+
+
+def test_python_workers_fork_from_a_daemon_with_torch_loaded(spark):
+    """The DAS's workers start with torch imported: their parent is jobs.worker_daemon, which loaded it."""
+
+    def parent_of_worker(batches):
+        import os
+
+        import pyarrow as pa
+
+        for _ in batches:
+            pass
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+        with open(f"/proc/{os.getppid()}/maps") as f:
+            torch_mapped = "libtorch_cpu" in f.read()
+        yield pa.RecordBatch.from_pydict({"argv": [" ".join(argv)], "torch": [torch_mapped]})
+
+    schema = "argv string, torch boolean"
+    rows = spark.range(4, numPartitions=2).mapInArrow(parent_of_worker, schema).collect()
+    assert rows and all("-m jobs.worker_daemon" in r["argv"] and r["torch"] for r in rows), rows
